@@ -1,0 +1,48 @@
+# `make test` and `make demo` build .venv with Python 3.12 when it is missing.
+# Override the interpreter with `make test PYTHON=/path/to/python3.12`.
+
+SHELL := /bin/bash
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+
+# First Python 3.12 that actually runs: PATH, then pyenv, then common prefixes.
+# (A pyenv shim can be on PATH and still refuse to run, so every candidate is executed.)
+ifneq ($(origin PYTHON),command line)
+PYTHON := $(shell for c in python3.12 \
+	"$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 \
+	/usr/local/bin/python3.12 /usr/bin/python3.12 /opt/homebrew/bin/python3.12; do \
+	  if "$$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then \
+	    command -v "$$c" || echo "$$c"; break; fi; done)
+endif
+
+.PHONY: venv test lint format demo train-parity bench clean
+
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
+	@if [ -z "$(PYTHON)" ]; then echo "error: no Python 3.12 found; pass PYTHON=/path/to/python3.12" >&2; exit 1; fi
+	@if [ ! -x $(VENV_PY) ]; then echo "creating $(VENV) with $(PYTHON)"; "$(PYTHON)" -m venv $(VENV); fi
+	$(VENV_PY) -m pip install -q --upgrade pip
+	$(VENV_PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(VENV_PY) -m pip install -q --no-deps -e .
+	@touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(VENV_PY) -m pytest tests
+
+demo: venv
+	$(VENV_PY) -m launch.train --config=configs/ctm_parity.py:tiny --workdir=runs/parity_demo
+
+bench: venv
+	$(VENV_PY) -m bench.ctm_step
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,335 @@
+"""Reference PyTorch CTM state dicts <-> Flax variables, and the oracle checker.
+
+    python -m ctm_jax.convert check-oracle FILE.npz [FILE.npz ...]
+
+reads files in the layout of shared/oracles/ctm/README.md, builds the model from the file's
+constructor kwargs, imports its state dict, runs the forward (and the loss and its gradients when
+the file has them), prints the largest absolute and relative error of every compared array, and
+exits non-zero when any array is outside rtol 1e-4 / atol 1e-5.
+
+Layouts: torch Linear weights are (out, in), Flax kernels (in, out); torch's MultiheadAttention
+packs [W_q; W_k; W_v] in one `in_proj_weight`; images are NCHW in torch, NHWC here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctm_jax import losses
+from ctm_jax.config import CTMConfig
+from ctm_jax.model import CTM, project_params
+
+RTOL, ATOL = 1e-4, 1e-5
+
+# Flax module path (dot-joined, scan scope removed) -> reference module path, applied in order.
+_MODULE_RULES: list[tuple[str, str]] = [
+    (r"^trace_processor\.nlm_0\.", "trace_processor.0.0."),
+    (r"^trace_processor\.nlm_1\.", "trace_processor.0.2."),
+    (r"^synapses\.linear\.dense\.", "synapses.1."),
+    (r"^synapses\.norm\.", "synapses.3."),
+    (r"^synapses\.first_projection\.dense\.", "synapses.first_projection.0."),
+    (r"^synapses\.first_norm\.", "synapses.first_projection.1."),
+    (r"^synapses\.down_(\d+)\.dense\.", r"synapses.down_projections.\1.1."),
+    (r"^synapses\.down_norm_(\d+)\.", r"synapses.down_projections.\1.2."),
+    (r"^synapses\.up_(\d+)\.dense\.", r"synapses.up_projections.\1.1."),
+    (r"^synapses\.up_norm_(\d+)\.", r"synapses.up_projections.\1.2."),
+    (r"^synapses\.skip_norm_(\d+)\.", r"synapses.skip_lns.\1."),
+    (r"^kv_proj\.dense\.", "kv_proj.0."),
+    (r"^kv_norm\.", "kv_proj.1."),
+    (r"^q_proj\.dense\.", "q_proj."),
+    (r"^output_projector\.dense\.", "output_projector.0."),
+    (r"^attention\.out\.", "attention.out_proj."),
+    (r"^positional_embedding\.embedder_(\d+)\.", r"positional_embedding.embedders.\1."),
+    (r"\.mlp_0\.dense\.", ".mlp.0."),
+    (r"\.mlp_1\.dense\.", ".mlp.2."),
+    (r"\.mlp_norm\.", ".mlp.3."),
+]
+# Leaf renames; Dense kernels are also transposed.
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+# The three parts of torch's packed attention in-projection, in row order.
+_IN_PROJ_PARTS = {
+    ("attention", "query"): 0,
+    ("attention_kv", "key"): 1,
+    ("attention_kv", "value"): 2,
+}
+
+
+class StateDictMismatchError(ValueError):
+    """A reference state dict whose keys or shapes do not fit the configured model."""
+
+
+def torch_key(path: tuple[str, ...], config: CTMConfig) -> tuple[str, int | None]:
+    """The reference state-dict key of a Flax leaf, and its in_proj part (None if unpacked)."""
+    names = [p for p in path if p != "ticks"]
+    module, leaf = tuple(names[:-1]), names[-1]
+    if module in _IN_PROJ_PARTS:
+        suffix = "weight" if leaf == "kernel" else "bias"
+        return f"attention.in_proj_{suffix}", _IN_PROJ_PARTS[module]
+    dotted = ".".join(module) + "." if module else ""
+    for pattern, replacement in _MODULE_RULES:
+        dotted = re.sub(pattern, replacement, dotted)
+    if config.positional_embedding_type == "custom-rotational":
+        dotted = dotted.replace(
+            "positional_embedding.projection.dense.", "positional_embedding.projection.0."
+        )
+    dotted = dotted.replace(
+        "positional_embedding.projection.dense.", "positional_embedding.projection."
+    )
+    leaf = _LEAF_NAMES.get(leaf, leaf) if module else leaf
+    return dotted + leaf, None
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat: dict[tuple[str, ...], Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, (*prefix, name)))
+        else:
+            flat[(*prefix, name)] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    return value.T if path[-1] == "kernel" else value
+
+
+def _to_torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
+
+
+def expected_state_dict_shapes(
+    config: CTMConfig, variables_shapes: Mapping[str, Any]
+) -> dict[str, tuple[int, ...]]:
+    """Reference key -> shape for a model whose (abstract) variables are given."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for collection in ("params", "buffers"):
+        for path, leaf in _flatten(variables_shapes.get(collection, {})).items():
+            key, part = torch_key(path, config)
+            shape = _to_torch_shape(path, tuple(leaf.shape))
+            if part is not None:
+                shape = (3 * shape[0], *shape[1:])
+            shapes[key] = shape
+    return shapes
+
+
+def export_state_dict(config: CTMConfig, tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax variables ({'params': ..., 'buffers': ...}) or a bare params/grads tree -> reference
+    keys and layouts."""
+    collections = tree if "params" in tree else {"params": tree}
+    state: dict[str, np.ndarray] = {}
+    packed: dict[str, list[np.ndarray | None]] = {}
+    for collection in ("params", "buffers"):
+        for path, leaf in _flatten(collections.get(collection, {})).items():
+            key, part = torch_key(path, config)
+            value = _to_torch_layout(path, np.asarray(leaf))
+            if part is None:
+                state[key] = value
+            else:
+                packed.setdefault(key, [None, None, None])[part] = value
+    for key, parts in packed.items():
+        state[key] = np.concatenate(parts, axis=0)
+    return state
+
+
+def example_input(config: CTMConfig, state_dict: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A one-example input whose shape materialises every lazily-sized reference layer."""
+    if config.variant == "sort":
+        return np.zeros((1, config.d_input), np.float32)
+    if config.backbone_type == "parity_backbone":
+        return np.ones((1, 4), np.float32)
+    weight = state_dict.get("kv_proj.0.weight")
+    channels = int(np.shape(weight)[1]) if weight is not None else config.d_input
+    return np.zeros((1, 4, 4, channels), np.float32)
+
+
+def import_state_dict(
+    config: CTMConfig,
+    state_dict: Mapping[str, np.ndarray],
+    sample_input: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Reference state dict (name -> array) -> Flax variables, checking every key and shape.
+
+    Index buffers are copied (never redrawn) and stored as int32. Decay params are imported raw:
+    the forward clamps them exactly as the reference's first forward would.
+    """
+    model = CTM(config)
+    if sample_input is None:
+        sample_input = example_input(config, state_dict)
+    abstract = jax.eval_shape(
+        lambda x: model.init({"params": jax.random.key(0)}, x), jnp.asarray(sample_input)
+    )
+    expected = expected_state_dict_shapes(config, abstract)
+    problems = []
+    for key in sorted(set(expected) - set(state_dict)):
+        problems.append(f"missing key {key!r} (expected shape {expected[key]})")
+    for key in sorted(set(state_dict) - set(expected)):
+        problems.append(f"unexpected key {key!r} (shape {tuple(np.shape(state_dict[key]))})")
+    for key in sorted(set(expected) & set(state_dict)):
+        got = tuple(np.shape(state_dict[key]))
+        if got != expected[key]:
+            problems.append(f"mis-shaped key {key!r}: expected {expected[key]}, got {got}")
+    if problems:
+        raise StateDictMismatchError(
+            f"reference state dict does not fit the configured CTM ({len(problems)} problems):\n  "
+            + "\n  ".join(problems)
+        )
+
+    variables: dict[str, Any] = {}
+    for collection in ("params", "buffers"):
+        flat = {}
+        for path, leaf in _flatten(abstract.get(collection, {})).items():
+            key, part = torch_key(path, config)
+            value = np.asarray(state_dict[key])
+            if part is not None:
+                rows = value.shape[0] // 3
+                value = value[part * rows : (part + 1) * rows]
+            value = _to_torch_layout(path, value)  # a transpose is its own inverse
+            flat[path] = jnp.asarray(value, dtype=leaf.dtype)
+        variables[collection] = _unflatten(flat)
+    return variables
+
+
+def import_reference(
+    reference_kwargs: Mapping[str, Any],
+    state_dict: Mapping[str, np.ndarray],
+    model_class: str = "ContinuousThoughtMachine",
+    sample_input: np.ndarray | None = None,
+) -> tuple[CTM, dict[str, Any]]:
+    """(reference constructor kwargs, reference state dict) -> (model, variables)."""
+    config = CTMConfig.from_reference_kwargs(reference_kwargs, model_class)
+    return CTM(config), import_state_dict(config, state_dict, sample_input)
+
+
+def reference_input_to_jax(x: np.ndarray, config: CTMConfig) -> np.ndarray:
+    """Reference channels-first feature maps (B, C, H, W) / (B, C, L) -> channels-last."""
+    if config.backbone_type == "none" and config.variant == "ctm" and x.ndim >= 3:
+        return np.moveaxis(x, 1, -1)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracle checking
+
+
+def oracle_loss(config: CTMConfig, output: Any, targets: jax.Array) -> tuple[jax.Array, Any]:
+    """The loss the reference used for this kind of model, picked from config and target shape."""
+    if config.variant == "sort":
+        return losses.sort_loss(output.predictions, targets), None
+    if targets.ndim == 1:
+        return losses.image_classification_loss(output.predictions, output.certainties, targets)
+    if config.prediction_shape()[-1] == 2:
+        return losses.parity_loss(output.predictions, output.certainties, targets)
+    raise ValueError(
+        f"no reference loss known for targets of shape {targets.shape} with "
+        f"prediction_reshaper={list(config.prediction_reshaper)}"
+    )
+
+
+def compare(name: str, got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:
+    """np.allclose-style check with the oracle tolerances and a one-line report."""
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return False, f"  FAIL {name}: shape {got.shape} != expected {want.shape}"
+    err = np.abs(got - want)
+    rel = err / np.maximum(np.abs(want), 1e-30)
+    ok = bool(np.all(err <= ATOL + RTOL * np.abs(want)))
+    max_abs = float(err.max()) if err.size else 0.0
+    max_rel = float(rel.max()) if rel.size else 0.0
+    return (
+        ok,
+        f"  {'ok  ' if ok else 'FAIL'} {name:55s} max|err| {max_abs:.2e}  max rel {max_rel:.2e}",
+    )
+
+
+def check_oracle(path: str) -> bool:
+    """Runs one oracle file; prints one line per compared array; True when all match."""
+    data = np.load(path, allow_pickle=False)
+    meta = json.loads(str(data["config_json"]))
+    config = CTMConfig.from_reference_kwargs(meta["config"], meta["model_class"])
+    state_dict = {k[3:]: data[k] for k in data.files if k.startswith("sd/")}
+    x = reference_input_to_jax(data["input"], config)
+    variables = import_state_dict(config, state_dict, x)
+    model = CTM(config)
+    print(
+        f"{path}: {meta['model_class']} '{meta.get('name', '')}' "
+        f"(variant {config.variant}, {config.neuron_select_type}, T={config.iterations})"
+    )
+
+    out = model.apply(variables, jnp.asarray(x), track=True)
+    checks = [
+        ("out/predictions", out.predictions),
+        ("out/certainties", out.certainties),
+        ("out/final_synch_out", out.synch_out),
+    ]
+    checks += [(f"out/{k}", v) for k, v in out.tracking.items()]
+    projected = project_params(config, variables["params"])
+    checks += [(f"post_forward/{k}", projected[k]) for k in projected if k.startswith("decay")]
+
+    if "loss/targets" in data.files:
+        targets = jnp.asarray(data["loss/targets"])
+
+        def loss_fn(params):
+            output = model.apply({**variables, "params": params}, jnp.asarray(x))
+            return oracle_loss(config, output, targets)
+
+        (loss, where), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        checks.append(("loss/value", loss))
+        if where is not None and "loss/where_most_certain" in data.files:
+            checks.append(("loss/where_most_certain", where))
+        for key, value in export_state_dict(config, grads).items():
+            checks.append((f"grad/{key}", value))
+        missing_grads = {k for k in data.files if k.startswith("grad/")} - {c[0] for c in checks}
+        if missing_grads:
+            print(f"  FAIL gradients not produced for: {sorted(missing_grads)}")
+            return False
+
+    all_ok = True
+    for name, value in checks:
+        if name not in data.files:
+            continue
+        ok, line = compare(name, np.asarray(value), data[name])
+        print(line)
+        all_ok &= ok
+    print(f"  => {'PASS' if all_ok else 'FAIL'}")
+    return all_ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ctm_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check-oracle", help="compare against reference oracle .npz files")
+    check.add_argument("files", nargs="+")
+    args = parser.parse_args(argv)
+    if args.command == "check-oracle":
+        results = [check_oracle(f) for f in args.files]
+        print(f"{sum(results)}/{len(results)} oracle files match (rtol {RTOL:g}, atol {ATOL:g})")
+        return 0 if all(results) else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

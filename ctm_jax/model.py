@@ -1,0 +1,255 @@
+"""The Continuous Thought Machine (Darlow et al., 2025) as a Flax Linen module.
+
+Per forward: featurise the input once into keys/values, then run T internal ticks (`nn.scan`,
+parameters broadcast, one dropout key per tick). Each tick, in the reference's order:
+
+  1. action synchronisation S_act from the previous post-activations z^{t-1}
+  2. query q = W_q S_act; o = MultiHeadAttention(q, kv, kv)
+  3. pre-activations a^t = synapses(concat(o, z^{t-1}))       (attention output first)
+  4. history A^t = last M pre-activations (oldest first)
+  5. post-activations z^t = NLM_d(A^t_d) for every neuron d   (private weights per neuron)
+  6. output synchronisation S_out over z^0..z^t; prediction y^t = W_out S_out
+  7. certainty^t = 1 - normalised entropy of y^t
+
+Inputs are channels-last: images / feature maps (B, H, W, C), token sets (B, L, C), parity
+sequences (B, L) of +-1, sort vectors (B, N).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ctm_jax import synchronisation as sync
+from ctm_jax.backbones import make_backbone
+from ctm_jax.config import CTMConfig
+from ctm_jax.modules import (
+    POSITIONAL_EMBEDDINGS,
+    KeyValueProjection,
+    Linear,
+    NeuronLevelModels,
+    QueryAttention,
+    SynapseLayer,
+    SynapseUNet,
+    layer_norm,
+    uniform,
+)
+
+Array = jax.Array
+
+DECAY_PARAM_NAMES = ("decay_params_out", "decay_params_action")
+
+
+@flax.struct.dataclass
+class CTMOutput:
+    """Per-tick read-outs, tick axis last as in the reference.
+
+    predictions: (B, out_dims, T) logits; certainties: (B, 2, T) with [:, 0] the normalised
+    entropy and [:, 1] = 1 - that; synch_out: (B, S_out) after the last tick. `tracking` (only
+    with track=True) holds tick-major internals: synch_out (T, B, S_out), synch_action
+    (T, B, S_act), pre_activations / post_activations (T, B, D), attention (T, B, heads, 1, L),
+    and kv (B, L, d_input).
+    """
+
+    predictions: Array
+    certainties: Array
+    synch_out: Array
+    tracking: dict[str, Array] | None = None
+
+
+def certainty(logits: Array, prediction_shape: tuple[int, ...]) -> Array:
+    """[normalised entropy, 1 - normalised entropy] of softmax over the last reshaped axis,
+    averaged over the other non-batch axes: (B, out_dims) -> (B, 2)."""
+    b = logits.shape[0]
+    reshaped = logits.reshape((b, *prediction_shape))
+    log_p = jax.nn.log_softmax(reshaped, axis=-1)
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+    normalised = entropy / jnp.log(jnp.float32(reshaped.shape[-1]))
+    normalised = normalised.reshape(b, -1).mean(axis=-1)
+    return jnp.stack([normalised, 1.0 - normalised], axis=-1)
+
+
+class CTMTick(nn.Module):
+    """One internal tick; `nn.scan` runs it T times over the carried state."""
+
+    config: CTMConfig
+    deterministic: bool
+    track: bool
+
+    @nn.compact
+    def __call__(self, carry: dict[str, Array], ctx: dict[str, Any]):
+        cfg = self.config
+        det = self.deterministic
+        carry = dict(carry)
+        z = carry["z"]
+        ys: dict[str, Array] = {}
+
+        if cfg.has_attention:
+            products = sync.pairwise_products(z, ctx["action_pairs"])
+            synch_action, carry["alpha_action"], carry["beta_action"] = sync.update_synchronisation(
+                carry["alpha_action"], carry["beta_action"], products, ctx["r_action"]
+            )
+            query = Linear(cfg.d_input, name="q_proj")(synch_action)
+            attended, attention = QueryAttention(
+                cfg.d_input, cfg.heads, cfg.dropout, name="attention"
+            )(query, ctx["keys"], ctx["values"], det)
+            synapse_input = jnp.concatenate([attended, z], axis=-1)
+            if self.track:
+                ys.update(synch_action=synch_action, attention=attention)
+        else:
+            synapse_input = jnp.concatenate([ctx["inputs"], z], axis=-1)
+
+        if cfg.synapse_depth == 1:
+            synapses = SynapseLayer(cfg.d_model, cfg.dropout, name="synapses")
+        else:
+            synapses = SynapseUNet(tuple(cfg.synapse_widths), cfg.dropout, name="synapses")
+        pre_activation = synapses(synapse_input, det)
+        trace = jnp.concatenate([carry["trace"][:, :, 1:], pre_activation[:, :, None]], axis=-1)
+
+        z = NeuronLevelModels(
+            d_model=cfg.d_model,
+            memory_length=cfg.memory_length,
+            hidden_dims=cfg.memory_hidden_dims,
+            deep=cfg.deep_nlms,
+            do_norm=cfg.do_layernorm_nlm,
+            dropout=cfg.nlm_dropout,
+            name="trace_processor",
+        )(trace, det)
+
+        products = sync.pairwise_products(z, ctx["out_pairs"])
+        synch_out, carry["alpha_out"], carry["beta_out"] = sync.update_synchronisation(
+            carry["alpha_out"], carry["beta_out"], products, ctx["r_out"]
+        )
+        prediction = Linear(cfg.out_dims, name="output_projector")(synch_out)
+
+        carry = {**carry, "z": z, "trace": trace}
+        ys.update(
+            predictions=prediction,
+            certainties=certainty(prediction, cfg.prediction_shape()),
+        )
+        if self.track:
+            ys.update(synch_out=synch_out, pre_activations=pre_activation, post_activations=z)
+        return carry, ys
+
+
+class CTM(nn.Module):
+    """Continuous Thought Machine. Variables: 'params' (trainable) and 'buffers' (the int32
+    neuron index vectors of the synchronisation pairs: drawn once at init, imported verbatim)."""
+
+    config: CTMConfig
+
+    def featurise(self, x: Array) -> Array:
+        """Backbone -> + positional embedding -> tokens -> Linear -> LayerNorm: (B, L, d_input)."""
+        cfg = self.config
+        backbone = make_backbone(cfg.backbone_type, cfg.d_input)
+        features = x if backbone is None else backbone(x)
+        if cfg.positional_embedding_type != "none":
+            embed = POSITIONAL_EMBEDDINGS[cfg.positional_embedding_type]
+            features = features + embed(features.shape[-1], name="positional_embedding")(features)
+        tokens = features.reshape(features.shape[0], -1, features.shape[-1])
+        return layer_norm("kv_norm")(Linear(cfg.d_input, name="kv_proj")(tokens))
+
+    def _index_buffers(self, role: str, n_synch: int) -> tuple[Array, Array]:
+        cfg = self.config
+
+        def draw() -> tuple[Array, Array]:
+            key = self.make_rng("params")
+            return sync.init_neuron_indices(
+                key, cfg.neuron_select_type, cfg.d_model, n_synch, role, cfg.n_random_pairing_self
+            )
+
+        # One draw shared by left and right, so left[:k] == right[:k] holds for random-pairing.
+        drawn: dict[str, tuple[Array, Array]] = {}
+
+        def side(i: int) -> Array:
+            if "pair" not in drawn:
+                drawn["pair"] = draw()
+            return drawn["pair"][i]
+
+        left = self.variable("buffers", f"{role}_neuron_indices_left", side, 0)
+        right = self.variable("buffers", f"{role}_neuron_indices_right", side, 1)
+        return sync.pair_indices(cfg.neuron_select_type, left.value, right.value)
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False, track: bool = False) -> CTMOutput:
+        cfg = self.config
+        cfg.validate_input_shape(x.shape)
+        x = jnp.asarray(x, jnp.float32)
+        batch = x.shape[0]
+        d, m = cfg.d_model, cfg.memory_length
+
+        start_state = self.param("start_activated_state", uniform(math.sqrt(1 / d)), (d,))
+        start_trace = self.param("start_trace", uniform(math.sqrt(1 / (d + m))), (d, m))
+        straight_through = cfg.variant == "ctm"
+        decay_out = self.param("decay_params_out", nn.initializers.zeros, (cfg.synch_size_out,))
+        ctx: dict[str, Any] = {
+            "out_pairs": self._index_buffers("out", cfg.n_synch_out),
+            "r_out": sync.decay_factors(decay_out, straight_through),
+        }
+        tracking: dict[str, Array] = {}
+        if cfg.has_attention:
+            kv = self.featurise(x)
+            ctx["keys"], ctx["values"] = KeyValueProjection(
+                cfg.d_input, cfg.heads, name="attention_kv"
+            )(kv)
+            decay_action = self.param(
+                "decay_params_action", nn.initializers.zeros, (cfg.synch_size_action,)
+            )
+            ctx["action_pairs"] = self._index_buffers("action", cfg.n_synch_action)
+            ctx["r_action"] = sync.decay_factors(decay_action, straight_through)
+            if track:
+                tracking["kv"] = kv
+        else:
+            ctx["inputs"] = x
+
+        z0 = jnp.broadcast_to(start_state, (batch, d))
+        carry = {
+            "z": z0,
+            "trace": jnp.broadcast_to(start_trace, (batch, d, m)),
+            # z^0 is the first sample of the output synchronisation's time series.
+            "alpha_out": sync.pairwise_products(z0, ctx["out_pairs"]),
+            "beta_out": jnp.ones((cfg.synch_size_out,), jnp.float32),
+        }
+        if cfg.has_attention:
+            carry["alpha_action"] = jnp.zeros((batch, cfg.synch_size_action), jnp.float32)
+            carry["beta_action"] = jnp.zeros((cfg.synch_size_action,), jnp.float32)
+
+        ticks = nn.scan(
+            CTMTick,
+            variable_broadcast="params",
+            split_rngs={"params": False, "dropout": True},
+            in_axes=nn.broadcast,
+            out_axes=0,
+            length=cfg.iterations,
+        )
+        final, per_tick = ticks(cfg, deterministic=not train, track=track, name="ticks")(carry, ctx)
+
+        if track:
+            tracking.update(
+                {k: per_tick[k] for k in per_tick if k not in ("predictions", "certainties")}
+            )
+        return CTMOutput(
+            predictions=jnp.moveaxis(per_tick["predictions"], 0, -1),
+            certainties=jnp.moveaxis(per_tick["certainties"], 0, -1),
+            synch_out=final["alpha_out"] / jnp.sqrt(final["beta_out"]),
+            tracking=tracking if track else None,
+        )
+
+
+def project_params(config: CTMConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """Project stored params back to their valid range after an optimiser update.
+
+    The main reference class clamps its decay params to [0, 15] in place at every forward, so the
+    optimiser always starts from clamped values; the SORT variant clamps inside autograd only.
+    """
+    if config.variant != "ctm":
+        return params
+    return {
+        name: sync.project_decay_params(value) if name in DECAY_PARAM_NAMES else value
+        for name, value in params.items()
+    }
