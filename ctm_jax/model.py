@@ -42,6 +42,8 @@ from ctm_jax.modules import (
 
 Array = jax.Array
 
+# Parameters are float32 even under jax x64 (initialisers default to float64 there).
+PARAM_DTYPE = jnp.float32
 DECAY_PARAM_NAMES = ("decay_params_out", "decay_params_action")
 
 
@@ -139,9 +141,14 @@ class CTMTick(nn.Module):
 
 class CTM(nn.Module):
     """Continuous Thought Machine. Variables: 'params' (trainable) and 'buffers' (the int32
-    neuron index vectors of the synchronisation pairs: drawn once at init, imported verbatim)."""
+    neuron index vectors of the synchronisation pairs: drawn once at init, imported verbatim).
+
+    `dtype` is the dtype of the input and the recurrent state (float64 needs jax x64 and float64
+    variables; it exists to compare against the reference's float64 runs).
+    """
 
     config: CTMConfig
+    dtype: Any = jnp.float32
 
     def featurise(self, x: Array) -> Array:
         """Backbone -> + positional embedding -> tokens -> Linear -> LayerNorm: (B, L, d_input)."""
@@ -179,14 +186,20 @@ class CTM(nn.Module):
     def __call__(self, x: Array, *, train: bool = False, track: bool = False) -> CTMOutput:
         cfg = self.config
         cfg.validate_input_shape(x.shape)
-        x = jnp.asarray(x, jnp.float32)
+        x = jnp.asarray(x, self.dtype)
         batch = x.shape[0]
         d, m = cfg.d_model, cfg.memory_length
 
-        start_state = self.param("start_activated_state", uniform(math.sqrt(1 / d)), (d,))
-        start_trace = self.param("start_trace", uniform(math.sqrt(1 / (d + m))), (d, m))
+        start_state = self.param(
+            "start_activated_state", uniform(math.sqrt(1 / d)), (d,), PARAM_DTYPE
+        )
+        start_trace = self.param(
+            "start_trace", uniform(math.sqrt(1 / (d + m))), (d, m), PARAM_DTYPE
+        )
         straight_through = cfg.variant == "ctm"
-        decay_out = self.param("decay_params_out", nn.initializers.zeros, (cfg.synch_size_out,))
+        decay_out = self.param(
+            "decay_params_out", nn.initializers.zeros, (cfg.synch_size_out,), PARAM_DTYPE
+        )
         ctx: dict[str, Any] = {
             "out_pairs": self._index_buffers("out", cfg.n_synch_out),
             "r_out": sync.decay_factors(decay_out, straight_through),
@@ -198,7 +211,7 @@ class CTM(nn.Module):
                 cfg.d_input, cfg.heads, name="attention_kv"
             )(kv)
             decay_action = self.param(
-                "decay_params_action", nn.initializers.zeros, (cfg.synch_size_action,)
+                "decay_params_action", nn.initializers.zeros, (cfg.synch_size_action,), PARAM_DTYPE
             )
             ctx["action_pairs"] = self._index_buffers("action", cfg.n_synch_action)
             ctx["r_action"] = sync.decay_factors(decay_action, straight_through)
@@ -213,11 +226,11 @@ class CTM(nn.Module):
             "trace": jnp.broadcast_to(start_trace, (batch, d, m)),
             # z^0 is the first sample of the output synchronisation's time series.
             "alpha_out": sync.pairwise_products(z0, ctx["out_pairs"]),
-            "beta_out": jnp.ones((cfg.synch_size_out,), jnp.float32),
+            "beta_out": jnp.ones((cfg.synch_size_out,), self.dtype),
         }
         if cfg.has_attention:
-            carry["alpha_action"] = jnp.zeros((batch, cfg.synch_size_action), jnp.float32)
-            carry["beta_action"] = jnp.zeros((cfg.synch_size_action,), jnp.float32)
+            carry["alpha_action"] = jnp.zeros((batch, cfg.synch_size_action), self.dtype)
+            carry["beta_action"] = jnp.zeros((cfg.synch_size_action,), self.dtype)
 
         ticks = nn.scan(
             CTMTick,

@@ -78,9 +78,13 @@ class SuperLinear(nn.Module):
         if self.do_norm:
             x = layer_norm("layernorm")(x)
         bound = 1.0 / math.sqrt(self.in_dims + self.out_dims)
-        w1 = self.param("w1", uniform(bound), (self.in_dims, self.out_dims, self.n_neurons))
-        b1 = self.param("b1", nn.initializers.zeros, (1, self.n_neurons, self.out_dims))
-        temperature = self.param("T", nn.initializers.ones, (1,))
+        w1 = self.param(
+            "w1", uniform(bound), (self.in_dims, self.out_dims, self.n_neurons), jnp.float32
+        )
+        b1 = self.param(
+            "b1", nn.initializers.zeros, (1, self.n_neurons, self.out_dims), jnp.float32
+        )
+        temperature = self.param("T", nn.initializers.ones, (1,), jnp.float32)
         return (jnp.einsum("bnm,mhn->bnh", x, w1) + b1) / temperature
 
 
@@ -311,7 +315,7 @@ class MultiLearnableFourierPositionalEncoding(nn.Module):
                 for i, g in enumerate(gammas)
             ]
         )
-        combination = self.param("combination", nn.initializers.ones, (self.n,))
+        combination = self.param("combination", nn.initializers.ones, (self.n,), jnp.float32)
         weights = jax.nn.softmax(combination)
         return jnp.tensordot(weights, embeddings, axes=1)
 

@@ -1,0 +1,1 @@
+"""CTM training tasks: data, targets and metrics, one module per task."""
