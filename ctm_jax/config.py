@@ -80,6 +80,10 @@ class CTMConfig:
     neuron_select_type: str = "random-pairing"
     n_random_pairing_self: int = 0
     variant: str = "ctm"
+    # Not a reference argument: recompute each tick's activations in the backward pass instead of
+    # storing them. Same numbers; on CPU about 2x faster train steps (stacking per-tick residuals
+    # is memory-bound) and far less memory for long tick counts.
+    remat_ticks: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(

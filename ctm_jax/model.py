@@ -232,8 +232,9 @@ class CTM(nn.Module):
             carry["alpha_action"] = jnp.zeros((batch, cfg.synch_size_action), self.dtype)
             carry["beta_action"] = jnp.zeros((cfg.synch_size_action,), self.dtype)
 
+        tick = nn.remat(CTMTick, prevent_cse=False) if cfg.remat_ticks else CTMTick
         ticks = nn.scan(
-            CTMTick,
+            tick,
             variable_broadcast="params",
             split_rngs={"params": False, "dropout": True},
             in_axes=nn.broadcast,

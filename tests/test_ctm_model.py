@@ -326,3 +326,27 @@ def test_sort_loss_is_ctc_normalised_by_target_length():
     predictions = jnp.moveaxis(logits, 2, 1)
     expected = -(np.log(0.7) + np.log(0.6)) / 2
     np.testing.assert_allclose(losses.sort_loss(predictions, targets), expected, rtol=1e-5)
+
+
+def test_rematerialised_ticks_give_the_same_gradients():
+    config = dataclasses.replace(BASE, dropout=0.2)
+    x = jax.random.normal(jax.random.key(0), (3, 6, 8))
+    targets = jnp.array([0, 3, 4])
+    variables = CTM(config).init({"params": jax.random.key(1)}, x)
+
+    def grads(remat):
+        model = CTM(dataclasses.replace(config, remat_ticks=remat))
+
+        def loss(params):
+            out = model.apply(
+                {**variables, "params": params}, x, train=True, rngs={"dropout": jax.random.key(2)}
+            )
+            return losses.image_classification_loss(out.predictions, out.certainties, targets)[0]
+
+        return jax.grad(loss)(variables["params"])
+
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        grads(True),
+        grads(False),
+    )

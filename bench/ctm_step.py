@@ -1,0 +1,181 @@
+"""CTM train-step and forward throughput, against this machine's own dense matmul peak.
+
+    python -m bench.ctm_step [--steps 3] [--skip-reference]
+
+For the parity `:tiny` preset and the reference parity configuration (d_model 1024, 75 ticks,
+batch 64) it prints examples/s for a full train step (forward + backward + AdamW + projection) and
+for the forward alone, the achieved FLOP/s as a fraction of the dense float32 matmul FLOP/s
+measured in the same run, and the compile time of the train step at 5 and 75 ticks (the tick loop
+is one `nn.scan`, so compile time should stay nearly flat).
+
+FLOPs are counted analytically (matmuls and einsums; XLA's cost analysis counts a scan body once,
+not once per tick); a train step is counted as 3x the forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import ctm_parity
+from ctm_jax.config import CTMConfig
+from ctm_jax.losses import parity_loss
+from ctm_jax.model import CTM, project_params
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
+    """Dense float32 matmul FLOP/s of this machine, as XLA runs it."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def forward_flops(cfg: CTMConfig, batch: int, n_tokens: int, in_channels: int) -> float:
+    """Multiply-add FLOPs (x2) of one forward pass, K/V projected once as this port does."""
+    d, dm = cfg.d_input, cfg.d_model
+    once = 2 * batch * n_tokens * (in_channels * d + 2 * d * d)  # kv_proj, then K and V
+    if cfg.synapse_depth == 1:
+        synapse = (d + dm) * 2 * dm
+    else:
+        w = cfg.synapse_widths
+        synapse = (d + dm) * w[0] + 2 * sum(w[i] * w[i + 1] for i in range(len(w) - 1))
+    nlm = dm * (cfg.memory_length * 2 * cfg.memory_hidden_dims + cfg.memory_hidden_dims * 2)
+    if not cfg.deep_nlms:
+        nlm = dm * cfg.memory_length * 2
+    attention = cfg.synch_size_action * d + 2 * d * d + 2 * n_tokens * d
+    per_tick = synapse + nlm + attention + cfg.synch_size_out * cfg.out_dims
+    return once + 2 * batch * cfg.iterations * per_tick
+
+
+def make_steps(cfg: CTMConfig, batch: int, length: int, lr: float = 1e-4):
+    model = CTM(cfg)
+    x = jnp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], (batch, length)), jnp.float32)
+    targets = (jnp.cumsum(x < 0, axis=1) % 2).astype(jnp.int32)
+    variables = model.init({"params": jax.random.key(0)}, x)
+    tx = optax.adamw(lr)
+    state = (variables["params"], tx.init(variables["params"]))
+    buffers = variables["buffers"]
+
+    def train_step(state, x, targets, key):
+        params, opt_state = state
+
+        def loss_fn(p):
+            out = model.apply({"params": p, "buffers": buffers}, x, train=True,
+                              rngs={"dropout": key})
+            return parity_loss(out.predictions, out.certainties, targets)[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = project_params(cfg, optax.apply_updates(params, updates))
+        return (params, opt_state), loss
+
+    def forward(params, x):
+        return model.apply({"params": params, "buffers": buffers}, x).predictions
+
+    return jax.jit(train_step, donate_argnums=0), jax.jit(forward), state, x, targets
+
+
+def time_calls(fn, reps: int) -> float:
+    """Median seconds per call (blocking on the result)."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_config(name: str, cfg: CTMConfig, batch: int, length: int, steps: int,
+                 peak: float) -> dict:
+    train_step, forward, state, x, targets = make_steps(cfg, batch, length)
+    key = jax.random.key(1)
+    start = time.perf_counter()
+    compiled = train_step.lower(state, x, targets, key).compile()
+    compile_s = time.perf_counter() - start
+    state, _ = compiled(state, x, targets, key)  # warm-up
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], loss = compiled(holder["state"], x, targets, key)
+        return loss
+
+    step_s = time_calls(one_step, steps)
+    params = holder["state"][0]
+    forward(params, x).block_until_ready()
+    fwd_s = time_calls(lambda: forward(params, x), steps)
+    flops = forward_flops(cfg, batch, length, cfg.d_input)
+    result = {
+        "name": name,
+        "batch": batch,
+        "ticks": cfg.iterations,
+        "compile_s": compile_s,
+        "train_step_s": step_s,
+        "train_examples_per_s": batch / step_s,
+        "train_flops_ratio": 3 * flops / step_s / peak,
+        "forward_s": fwd_s,
+        "forward_examples_per_s": batch / fwd_s,
+        "forward_flops_ratio": flops / fwd_s / peak,
+    }
+    print(
+        f"{name:28s} batch {batch:3d} T {cfg.iterations:3d} | train {step_s * 1e3:8.1f} ms "
+        f"{batch / step_s:8.1f} ex/s {100 * result['train_flops_ratio']:5.1f}% of peak | "
+        f"forward {fwd_s * 1e3:8.1f} ms {batch / fwd_s:8.1f} ex/s "
+        f"{100 * result['forward_flops_ratio']:5.1f}% of peak | compile {compile_s:5.1f} s",
+        flush=True,
+    )
+    return result
+
+
+def compile_seconds(cfg: CTMConfig, batch: int, length: int) -> float:
+    train_step, _, state, x, targets = make_steps(cfg, batch, length)
+    start = time.perf_counter()
+    train_step.lower(state, x, targets, jax.random.key(1)).compile()
+    return time.perf_counter() - start
+
+
+def model_config(preset: str | None) -> tuple[CTMConfig, int, int]:
+    config = ctm_parity.get_config(preset)
+    length = config.task.seq_len
+    cfg = CTMConfig.from_mapping(
+        {**config.model.to_dict(), "out_dims": 2 * length, "prediction_reshaper": (length, 2)}
+    )
+    return cfg, config.train.batch_size, length
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed calls per measurement")
+    parser.add_argument("--skip-reference", action="store_true",
+                        help="only the :tiny preset (the reference config takes minutes)")
+    args = parser.parse_args()
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
+    peak = matmul_peak_flops()
+    print(f"dense f32 matmul peak (2048^3, best of 10): {peak / 1e9:.1f} GFLOP/s")
+    bench_config("parity :tiny", *model_config("tiny"), args.steps, peak)
+    if args.skip_reference:
+        return
+    reference, batch, length = model_config(None)
+    bench_config("parity reference (D1024)", reference, batch, length, args.steps, peak)
+    t5 = compile_seconds(dataclasses.replace(reference, iterations=5), batch, length)
+    t75 = compile_seconds(reference, batch, length)
+    print(f"train-step compile time, reference config: 5 ticks {t5:.1f} s, 75 ticks {t75:.1f} s "
+          f"(ratio {t75 / t5:.2f})")
+
+
+if __name__ == "__main__":
+    main()
