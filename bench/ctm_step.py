@@ -73,8 +73,9 @@ def make_steps(cfg: CTMConfig, batch: int, length: int, lr: float = 1e-4):
         params, opt_state = state
 
         def loss_fn(p):
-            out = model.apply({"params": p, "buffers": buffers}, x, train=True,
-                              rngs={"dropout": key})
+            out = model.apply(
+                {"params": p, "buffers": buffers}, x, train=True, rngs={"dropout": key}
+            )
             return parity_loss(out.predictions, out.certainties, targets)[0]
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -98,8 +99,9 @@ def time_calls(fn, reps: int) -> float:
     return float(np.median(times))
 
 
-def bench_config(name: str, cfg: CTMConfig, batch: int, length: int, steps: int,
-                 peak: float) -> dict:
+def bench_config(
+    name: str, cfg: CTMConfig, batch: int, length: int, steps: int, peak: float
+) -> dict:
     train_step, forward, state, x, targets = make_steps(cfg, batch, length)
     key = jax.random.key(1)
     start = time.perf_counter()
@@ -159,8 +161,11 @@ def model_config(preset: str | None) -> tuple[CTMConfig, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed calls per measurement")
-    parser.add_argument("--skip-reference", action="store_true",
-                        help="only the :tiny preset (the reference config takes minutes)")
+    parser.add_argument(
+        "--skip-reference",
+        action="store_true",
+        help="only the :tiny preset (the reference config takes minutes)",
+    )
     args = parser.parse_args()
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
@@ -173,8 +178,10 @@ def main() -> None:
     bench_config("parity reference (D1024)", reference, batch, length, args.steps, peak)
     t5 = compile_seconds(dataclasses.replace(reference, iterations=5), batch, length)
     t75 = compile_seconds(reference, batch, length)
-    print(f"train-step compile time, reference config: 5 ticks {t5:.1f} s, 75 ticks {t75:.1f} s "
-          f"(ratio {t75 / t5:.2f})")
+    print(
+        f"train-step compile time, reference config: 5 ticks {t5:.1f} s, 75 ticks {t75:.1f} s "
+        f"(ratio {t75 / t5:.2f})"
+    )
 
 
 if __name__ == "__main__":
