@@ -142,7 +142,11 @@ def model_config(model: Mapping[str, Any], seq_len: int) -> ctm_config.CTMConfig
 
 class ParityTask(Task):
     """CTM on cumulative parity. Config: `task.{seq_len, train_seed, eval_seed,
-    use_most_certain}` and the CTM fields in `model` (without out_dims/prediction_reshaper)."""
+    use_most_certain}` and the CTM fields in `model` (without out_dims/prediction_reshaper).
+
+    The reference insists on a square length because it plots sequences as sqrt(L) x sqrt(L)
+    grids; training does not care, so any length is accepted here (plots must check).
+    """
 
     progress_keys = ("loss", "accuracy", "sequence_accuracy")
 

@@ -1,0 +1,1 @@
+"""What every model in this repo shares: train loop, optimiser, sharding, checkpoints, metrics."""

@@ -1,0 +1,172 @@
+"""Metric writers (JSON lines + TensorBoard), interval averaging and the progress line.
+
+`metrics.jsonl` holds one JSON object per logged step and split:
+`{"step": 500, "split": "train", "time": 1764441600.0, "loss": 0.41, ...}` -- the scalar names
+sit next to the three reserved keys, so `pandas.read_json(path, lines=True)` gives a table.
+TensorBoard event files (tensorboardX, no TensorFlow) live in `<workdir>/tensorboard`, tagged
+`<split>/<name>`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+RESERVED_KEYS = ("step", "split", "time")
+
+
+def read_metrics(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl file (or of `<workdir>/metrics.jsonl`), optionally one split."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if split is None or r["split"] == split]
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drops records logged after `step`: a resumed run re-logs those steps itself."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in kept if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricWriter:
+    """clu-style `write_scalars(step, {name: value})` to metrics.jsonl and TensorBoard.
+
+    With `resume_step`, records after that step (written by a run that was killed before its
+    next checkpoint) are removed, so the files describe the run that is actually resumed.
+    Only process 0 writes; other processes get a writer that does nothing.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        enabled: bool = True,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.path = self.workdir / METRICS_FILE
+        if resume_step is not None:
+            _truncate_after(self.path, resume_step)
+        self._file = self.path.open("a", buffering=1)  # line-buffered: readable while running
+        if tensorboard:
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(
+                logdir=str(self.workdir / TENSORBOARD_DIR), purge_step=purge, flush_secs=30
+            )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any], split: str = "train") -> None:
+        if not self.enabled:
+            return
+        values = {name: _to_float(value) for name, value in scalars.items()}
+        clash = set(values) & set(RESERVED_KEYS)
+        if clash:
+            raise ValueError(f"metric names {sorted(clash)} are reserved in {METRICS_FILE}")
+        record = {"step": int(step), "split": split, "time": round(time.time(), 3), **values}
+        # allow_nan: a non-finite value is recorded as NaN/Infinity, which is what happened.
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(f"{split}/{name}", value, int(step))
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._file.flush()
+            if self._tb is not None:
+                self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled and not self._file.closed:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _to_float(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+class MeanAccumulator:
+    """Running means of scalar metrics over a logging interval (host side, float64)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def add(self, scalars: Mapping[str, float]) -> None:
+        for name, value in scalars.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(value)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def pop(self) -> dict[str, float]:
+        """The means since the last pop; resets."""
+        means = {name: total / max(self._count, 1) for name, total in self._sums.items()}
+        self._sums, self._count = {}, 0
+        return means
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class Progress:
+    """Step rate, example rate and ETA between calls; `line()` formats the progress line."""
+
+    def __init__(self, total_steps: int, batch_size: int, start_step: int) -> None:
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` (e.g. an evaluation) out of the current interval's rate."""
+        self._last_time += seconds
+
+    def line(self, step: int, scalars: Mapping[str, float], keys: tuple[str, ...]) -> str:
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        rate = (step - self._last_step) / elapsed
+        self._last_step, self._last_time = step, now
+        eta = (self.total_steps - step) / rate if rate > 0 else math.inf
+        width = len(str(self.total_steps))
+        parts = [
+            f"step {step:>{width}}/{self.total_steps} ({100.0 * step / self.total_steps:5.1f}%)",
+            f"{rate:6.2f} steps/s",
+            f"{rate * self.batch_size:8.1f} ex/s",
+            f"ETA {format_duration(eta)}",
+        ]
+        parts += [f"{k} {scalars[k]:.4g}" for k in keys if k in scalars]
+        return " | ".join(parts)

@@ -1,0 +1,126 @@
+"""The Task interface: what the trainer needs from a problem (data, model, loss, metrics).
+
+A task knows nothing about devices, files or the loop; the trainer knows nothing about
+equations. Tasks are looked up by `config.task.name`: either a registered short name or an
+import path `package.module:ClassName` (handy for experiments and tests).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from train_lib.errors import ConfigError
+
+Batch = Mapping[str, Any]
+Metrics = dict[str, jax.Array]
+
+# Short names -> "module:Class", imported lazily so train_lib never imports model code eagerly.
+TASKS: dict[str, str] = {
+    "ctm_parity": "ctm_jax.tasks.parity:ParityTask",
+}
+
+
+class Task(abc.ABC):
+    """One training problem.
+
+    Construct it from the full config: the constructor validates every section it reads and
+    raises `ConfigError` (one line naming the field) before anything is traced or compiled.
+
+    Batches are dicts of arrays whose leading dimension is the batch; the trainer shards that
+    dimension over the data-parallel mesh axes. Model variables are `{'params': ..., <other
+    collections>}`; the non-param collections (e.g. CTM's neuron-index 'buffers') are carried in
+    the train state and never touched by the optimiser. Collections the model itself updates
+    while training (BatchNorm's 'batch_stats') are listed in `mutable_collections`; the train
+    step keeps their new values.
+    """
+
+    # Names shown on the progress line, in order.
+    progress_keys: tuple[str, ...] = ("loss",)
+    # Variable collections the forward pass updates in training (e.g. ("batch_stats",)).
+    mutable_collections: tuple[str, ...] = ()
+
+    def __init__(self, config: ml_collections.ConfigDict) -> None:
+        self.config = config
+
+    # -- data ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def dataset(
+        self, split: str, *, batch_size: int, shard_index: int = 0, shard_count: int = 1
+    ) -> grain.MapDataset:
+        """Batched, deterministic, random-access dataset for `split` ('train' or 'eval').
+
+        `batch_size` is per process; element i of shard k must be the same whatever the run
+        history, so that a restored grain iterator continues the exact stream.
+        """
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """A batch with the right shapes and dtypes, used to initialise the model."""
+        return dict(self.dataset("eval", batch_size=batch_size)[0])
+
+    # -- model --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """The Flax module (pure; no files, flags or devices)."""
+
+    def init_variables(self, model: nn.Module, rng: jax.Array, batch: Batch) -> dict[str, Any]:
+        return dict(model.init({"params": rng}, batch["inputs"]))
+
+    def apply(
+        self,
+        model: nn.Module,
+        variables: Mapping[str, Any],
+        batch: Batch,
+        *,
+        train: bool,
+        rng: jax.Array | None = None,
+        mutable: Sequence[str] | bool = False,
+    ) -> Any:
+        """The model's outputs; `(outputs, updated collections)` when `mutable` names any."""
+        rngs = {"dropout": rng} if train and rng is not None else {}
+        return model.apply(variables, batch["inputs"], train=train, rngs=rngs, mutable=mutable)
+
+    def project_params(self, params: Any) -> Any:
+        """Applied after every optimiser update (e.g. clamping constrained parameters)."""
+        return params
+
+    # -- objective ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def loss_and_metrics(self, outputs: Any, batch: Batch) -> tuple[jax.Array, Metrics]:
+        """Scalar training loss and scalar metrics (batch means), inside the jitted step."""
+
+    def eval_metrics(self, outputs: Any, batch: Batch) -> Metrics:
+        """Scalar batch-mean metrics for evaluation; the trainer averages them over batches."""
+        loss, metrics = self.loss_and_metrics(outputs, batch)
+        return {"loss": loss, **metrics}
+
+
+def resolve_task_class(name: str) -> type[Task]:
+    """Registered short name or `module:Class` -> the Task subclass."""
+    target = TASKS.get(name, name)
+    if ":" not in target:
+        raise ConfigError(
+            f"task.name={name!r} is invalid: allowed: {', '.join(sorted(TASKS))} or "
+            f"'package.module:TaskClass'"
+        )
+    module_name, _, class_name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"task.name={name!r} is invalid: cannot import {target} ({e})") from e
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ConfigError(f"task.name={name!r} is invalid: {target} is not a Task subclass")
+    return cls
+
+
+def make_task(config: ml_collections.ConfigDict) -> Task:
+    """Builds (and thereby validates) the task named by `config.task.name`."""
+    return resolve_task_class(config.task.name)(config)

@@ -1,0 +1,489 @@
+"""`train_and_evaluate(config, workdir)`: the training loop every model in this repo shares.
+
+Order of work: validate the whole config (task, model, optimiser, trainer, mesh) -> build the
+mesh, model, optimiser and data -> restore the latest checkpoint or initialise -> compile the
+train step (jit with explicit shardings, state donated) -> loop. Metrics are fetched one step
+late so the host never makes the device wait; a step that is about to be checkpointed or
+evaluated is fetched first, so a non-finite state is never saved.
+
+Resume is exact: the train state holds the step, the optimiser state (including the quantile
+clipper's history) and the base dropout key (each step folds its number into it), and the
+checkpoint holds the grain iterator position, so a killed run that is re-run with the same
+command ends with bit-identical parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from train_lib import checkpointing, metrics, optim, sharding
+from train_lib.errors import ConfigError, NonFiniteError
+from train_lib.task import Batch, Task, make_task
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data iterator.
+
+    `buffers` holds the model's non-trainable variable collections (e.g. {'buffers': {...}} for
+    the CTM's neuron indices); the optimiser never touches them, and only the task's
+    `mutable_collections` (e.g. BatchNorm statistics) change, by the forward pass. `rng` is the base
+    dropout key: step s uses `fold_in(rng, s)`, so no key chain has to be replayed on resume.
+    """
+
+    step: jax.Array
+    params: Any
+    buffers: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """What `train_and_evaluate` returns."""
+
+    step: int  # optimiser updates applied when the run ended
+    eval_metrics: dict[str, float]  # final evaluation (empty if none ran)
+    resumed_from: int | None  # checkpoint step the run started from, if any
+    already_finished: bool  # the workdir held a finished run; nothing was trained
+
+
+def log(message: str) -> None:
+    """Progress output: one timestamped line on stdout, flushed (readable from a subprocess)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config validation (nothing here traces or compiles)
+
+
+def validate_train_config(train: Mapping[str, Any]) -> None:
+    """One-line ConfigError naming the first impossible field of the `train` section."""
+
+    def fail(field: str, allowed: str) -> None:
+        raise ConfigError(f"train.{field}={train[field]!r} is invalid: {allowed}")
+
+    for name in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if int(train[name]) < 1:
+            fail(name, "must be >= 1")
+    for name in ("eval_every", "eval_batches", "data_threads", "data_prefetch"):
+        if int(train[name]) < 0:
+            fail(name, "must be >= 0")
+    if int(train["eval_every"]) > 0 and int(train["eval_batches"]) < 1:
+        fail("eval_batches", "must be >= 1 when train.eval_every > 0")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> tuple[Task, jax.sharding.Mesh]:
+    """Validates every section and returns the task and mesh; raises ConfigError otherwise."""
+    for section in ("task", "optim", "train", "mesh"):
+        if section not in config:
+            raise ConfigError(f"{section} is missing: the config needs a '{section}' section")
+    validate_train_config(config.train)
+    optim.validate_optim_config(config.optim, int(config.train.total_steps))
+    task = make_task(config)  # validates the task and model sections
+    mesh = sharding.make_mesh(config.mesh)
+    batch = int(config.train.batch_size)
+    dp = sharding.data_parallel_size(mesh)
+    if batch % dp or batch % jax.process_count():
+        raise ConfigError(
+            f"train.batch_size={batch} is invalid: must be divisible by the data-parallel size "
+            f"{dp} and the process count {jax.process_count()}"
+        )
+    return task, mesh
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps (pure functions of the state; jitted by the caller)
+
+
+def init_state(
+    task: Task,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    batch: Batch,
+    rng: jax.Array,
+) -> TrainState:
+    """Fresh train state: params, buffers, optimiser state, step 0, base dropout key."""
+    param_rng, dropout_rng = jax.random.split(rng)
+    variables = dict(task.init_variables(model, param_rng, batch))
+    params = variables.pop("params")
+    params = task.project_params(params)
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        buffers=variables,
+        opt_state=tx.init(params),
+        rng=dropout_rng,
+    )
+
+
+def make_train_step(
+    task: Task,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """state, batch -> new state, scalar metrics (loss, task metrics, norms, lr)."""
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+        mutable = list(task.mutable_collections)
+
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+            variables = {"params": params, **state.buffers}
+            if mutable:
+                outputs, updated = task.apply(
+                    model, variables, batch, train=True, rng=dropout_rng, mutable=mutable
+                )
+            else:
+                outputs, updated = (
+                    task.apply(model, variables, batch, train=True, rng=dropout_rng),
+                    {},
+                )
+            loss, step_metrics = task.loss_and_metrics(outputs, batch)
+            return loss, (step_metrics, updated)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (step_metrics, updated)), grads = grad_fn(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = task.project_params(optax.apply_updates(state.params, updates))
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            buffers={**state.buffers, **updated},
+            opt_state=opt_state,
+        )
+        out = {
+            "loss": loss,
+            **step_metrics,
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(params),
+            "lr": schedule(state.step),
+        }
+        return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
+
+    return train_step
+
+
+def make_eval_step(
+    task: Task, model: nn.Module
+) -> Callable[[Any, Any, Batch], dict[str, jax.Array]]:
+    def eval_step(params: Any, buffers: Any, batch: Batch) -> dict[str, jax.Array]:
+        outputs = task.apply(model, {"params": params, **buffers}, batch, train=False)
+        return {
+            k: jnp.asarray(v, jnp.float32) for k, v in task.eval_metrics(outputs, batch).items()
+        }
+
+    return eval_step
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers of the loop
+
+
+def _fetch(device_metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(dict(device_metrics)).items()}
+
+
+def _raise_if_non_finite(
+    values: Mapping[str, float], step: int, split: str, ckpt: checkpointing.Checkpointer
+) -> None:
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if not bad:
+        return
+    ckpt.wait_until_finished()  # an in-flight save is of an earlier, checked state: let it land
+    latest = ckpt.latest_step()
+    where = f"step {latest} in {ckpt.directory}" if latest is not None else "none"
+    listed = ", ".join(f"{name}={values[name]}" for name in bad)
+    raise NonFiniteError(
+        f"non-finite {split} metric at step {step}: {listed}. Stopped without saving this "
+        f"state; latest checkpoint: {where}.",
+        step=step,
+        metrics=tuple(bad),
+    )
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    # to_json_best_effort turns tuples, placeholders and odd types into JSON; round trip to dict.
+    return json.loads(config.to_json_best_effort())
+
+
+def _log_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    old, new = _flatten(saved), _flatten(current)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    for key in changed:
+        log(f"config differs from the checkpoint's: {key}: {old.get(key)!r} -> {new.get(key)!r}")
+
+
+def _read_options(train: Mapping[str, Any]) -> grain.ReadOptions:
+    return grain.ReadOptions(
+        num_threads=int(train["data_threads"]), prefetch_buffer_size=int(train["data_prefetch"])
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything built from a validated config, before anything is compiled."""
+
+    config: ml_collections.ConfigDict
+    config_json: dict[str, Any]
+    task: Task
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    local_batch: int  # this process's share of train.batch_size
+    example_batch: dict[str, Any]
+    abstract_state: TrainState
+    state_shardings: Any
+    batch_sharding: jax.sharding.NamedSharding
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.config.train.total_steps)
+
+    def init(self, rng: jax.Array) -> TrainState:
+        return init_state(self.task, self.model, self.tx, self.example_batch, rng)
+
+    def dataset(self, split: str) -> grain.MapDataset:
+        return self.task.dataset(
+            split,
+            batch_size=self.local_batch,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """Validates the config (raising ConfigError) and builds model, optimiser and shardings."""
+    task, mesh = validate_config(config)
+    total_steps = int(config.train.total_steps)
+    local_batch = int(config.train.batch_size) // jax.process_count()
+    model = task.build_model()
+    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    example = task.example_batch(local_batch)
+    abstract_state = jax.eval_shape(
+        lambda key: init_state(task, model, tx, example, key), jax.random.key(0)
+    )
+    return Experiment(
+        config=config,
+        config_json=_config_json(config),
+        task=task,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        mesh=mesh,
+        local_batch=local_batch,
+        example_batch=example,
+        abstract_state=abstract_state,
+        state_shardings=sharding.state_shardings(mesh, abstract_state),
+        batch_sharding=sharding.batch_sharding(mesh),
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSummary:
+    """Trains (or resumes training) as `config` says, writing everything under `workdir`.
+
+    Raises ConfigError before any compilation if the config is impossible, CheckpointMismatchError
+    if the workdir holds a checkpoint of a differently shaped model, and NonFiniteError (after
+    letting earlier saves finish, saving nothing new) if a metric becomes non-finite.
+    """
+    exp = build_experiment(config)
+    workdir = Path(workdir)
+    train = config.train
+    with checkpointing.Checkpointer(
+        workdir / CHECKPOINT_DIR,
+        save_every=int(train.checkpoint_every),
+        keep=int(train.keep_checkpoints),
+        async_save=bool(train.async_checkpointing),
+    ) as ckpt:
+        latest = ckpt.latest_step()
+        if latest is not None and latest >= exp.total_steps:
+            final_eval = dict(ckpt.restore_meta(latest).get("eval") or {})
+            log(
+                f"run in {workdir} already finished at step {latest} (train.total_steps="
+                f"{exp.total_steps}); nothing to do. Final eval: {_format(final_eval)}"
+            )
+            return RunSummary(latest, final_eval, latest, already_finished=True)
+        train_iter = iter(exp.dataset("train").to_iter_dataset(_read_options(train)))
+        state = _restore_or_init(exp, ckpt, latest, train_iter)
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / CONFIG_FILE).write_text(json.dumps(exp.config_json, indent=2) + "\n")
+        last_eval = _train_loop(exp, ckpt, workdir, state, train_iter, resumed=latest is not None)
+    log(f"finished at step {exp.total_steps}; checkpoints in {workdir / CHECKPOINT_DIR}")
+    return RunSummary(exp.total_steps, last_eval, latest, already_finished=False)
+
+
+def _restore_or_init(
+    exp: Experiment,
+    ckpt: checkpointing.Checkpointer,
+    latest: int | None,
+    train_iter: grain.DatasetIterator,
+) -> TrainState:
+    """The latest checkpoint (state and data position), or a fresh state from train.seed."""
+    with jax.set_mesh(exp.mesh):
+        if latest is not None:
+            target = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+            state, meta = ckpt.restore(latest, target, train_iter)
+            log(f"restored checkpoint at step {latest} from {ckpt.directory}")
+            _log_config_changes(meta.get("config", {}), exp.config_json)
+            return state
+        init = jax.jit(exp.init, out_shardings=exp.state_shardings)
+        state = init(jax.random.key(int(exp.config.train.seed)))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log(f"initialised {type(exp.model).__name__} with {n_params:,} parameters")
+    return state
+
+
+def _compile_steps(exp: Experiment, state: TrainState, batch: Batch, eval_batch: Batch | None):
+    """AOT-compiled train step (state donated) and eval step (None without eval batches)."""
+    replicated = sharding.replicated(exp.mesh)
+    train_step = jax.jit(
+        make_train_step(exp.task, exp.model, exp.tx, exp.schedule),
+        in_shardings=(exp.state_shardings, exp.batch_sharding),
+        out_shardings=(exp.state_shardings, replicated),
+        donate_argnums=0,
+    )
+    log("compiling train step ...")
+    t0 = time.perf_counter()
+    with jax.set_mesh(exp.mesh):
+        train_step = train_step.lower(state, batch).compile()
+        eval_step = None
+        if eval_batch is not None:
+            shardings = exp.state_shardings
+            eval_step = jax.jit(
+                make_eval_step(exp.task, exp.model),
+                in_shardings=(shardings.params, shardings.buffers, exp.batch_sharding),
+                out_shardings=replicated,
+            )
+            eval_step = eval_step.lower(state.params, state.buffers, eval_batch).compile()
+    log(f"compiled in {time.perf_counter() - t0:.1f}s")
+    return train_step, eval_step
+
+
+def _train_loop(
+    exp: Experiment,
+    ckpt: checkpointing.Checkpointer,
+    workdir: Path,
+    state: TrainState,
+    train_iter: grain.DatasetIterator,
+    *,
+    resumed: bool,
+) -> dict[str, float]:
+    """Runs the steps from state.step to total_steps; returns the last eval metrics."""
+    train = exp.config.train
+    total_steps, log_every, eval_every = (
+        exp.total_steps,
+        int(train.log_every),
+        int(train.eval_every),
+    )
+    start_step = int(jax.device_get(state.step))
+    put = lambda batch: sharding.put_batch(batch, exp.batch_sharding)
+
+    # Eval batches: the first `eval_batches` of the held-out stream, the same at every eval.
+    eval_batches = []
+    if eval_every > 0:
+        eval_ds = exp.dataset("eval")
+        eval_batches = [put(eval_ds[i]) for i in range(int(train.eval_batches))]
+    batch = put(next(train_iter))
+    train_step, eval_step = _compile_steps(exp, state, batch, (eval_batches or [None])[0])
+
+    writer = metrics.MetricWriter(
+        workdir, resume_step=start_step if resumed else None, enabled=jax.process_index() == 0
+    )
+    progress = metrics.Progress(total_steps, int(train.batch_size), start_step)
+    interval = metrics.MeanAccumulator()
+    last_eval: dict[str, float] = {}
+
+    def evaluate(state: TrainState, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        with jax.set_mesh(exp.mesh):
+            outs = [eval_step(state.params, state.buffers, b) for b in eval_batches]
+        values = [_fetch(o) for o in outs]
+        means = {k: sum(v[k] for v in values) / len(values) for k in values[0]}
+        _raise_if_non_finite(means, step, "eval", ckpt)
+        writer.write_scalars(step, means, split="eval")
+        log(f"eval at step {step}: {_format(means)}")
+        progress.exclude(time.perf_counter() - t0)  # step rates measure training only
+        return means
+
+    def consume(step: int, device_metrics: dict[str, jax.Array]) -> None:
+        values = _fetch(device_metrics)
+        _raise_if_non_finite(values, step, "train", ckpt)
+        interval.add(values)
+        if step % log_every == 0 or step == total_steps:
+            means = interval.pop()
+            writer.write_scalars(step, means, split="train")
+            log(progress.line(step, means, exp.task.progress_keys))
+
+    log(f"training from step {start_step} to {total_steps}")
+    pending: tuple[int, dict[str, jax.Array]] | None = None
+    try:
+        for step in range(start_step, total_steps):
+            if batch is None:
+                batch = put(next(train_iter))
+            with jax.set_mesh(exp.mesh):
+                state, step_metrics = train_step(state, batch)
+            batch, done = None, step + 1
+            if pending is not None:
+                consume(*pending)  # the previous step: its values are ready or nearly so
+            pending = (done, step_metrics)
+            want_eval = eval_every > 0 and (done % eval_every == 0 or done == total_steps)
+            want_save = ckpt.should_save(done) or done == total_steps
+            if want_eval or want_save:
+                consume(*pending)  # check this step before it is evaluated or saved
+                pending = None
+                if want_eval:
+                    last_eval = evaluate(state, done)
+                if want_save:
+                    meta = {
+                        "config": exp.config_json,
+                        "step": done,
+                        "eval": last_eval,
+                        "finished": done == total_steps,
+                    }
+                    ckpt.save(done, state, train_iter, meta, force=True)
+        if pending is not None:
+            consume(*pending)
+    finally:
+        writer.close()
+    ckpt.wait_until_finished()
+    return last_eval
+
+
+def _format(values: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items()) or "(none)"
