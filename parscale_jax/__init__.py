@@ -1,0 +1,1 @@
+"""ParScale in JAX/Flax: parallel streams with shared weights and learned aggregation."""

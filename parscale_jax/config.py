@@ -1,0 +1,145 @@
+"""Qwen2 / Qwen2-ParScale configuration, read from and written to HF `config.json` fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+MODEL_TYPES = ("qwen2", "qwen2_parscale")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message is one line naming the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParScaleConfig:
+    """A Qwen2-family decoder with P parallel streams (P = `parscale_n`; P = 1 is plain Qwen2).
+
+    Field names follow HF's Qwen2Config / Qwen2ParScaleConfig. `parscale_attn_smooth` defaults to
+    the class default 0.01 of the reference configuration class; every released checkpoint says
+    0.1, so always take it from the checkpoint's config.json.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    parscale_n: int = 1
+    parscale_n_tokens: int = 48
+    parscale_attn_smooth: float = 0.01
+    # Not HF fields: computation dtype of activations ('float32' or 'bfloat16').
+    dtype: str = "float32"
+
+    @property
+    def kv_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def n_prefix(self) -> int:
+        """KV slots in front of the real tokens: the per-stream prefixes (none when P = 1)."""
+        return self.parscale_n_tokens if self.parscale_n > 1 else 0
+
+    def validate(self, prefix: str = "model.") -> ParScaleConfig:
+        def fail(field: str, allowed: str) -> None:
+            raise ConfigError(f"{prefix}{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "parscale_n",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, "must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail(
+                "num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            fail(
+                "hidden_size",
+                f"must be divisible by num_attention_heads="
+                f"{self.num_attention_heads} (or set head_dim)",
+            )
+        if self.kv_head_dim % 2:
+            fail("head_dim", "rotary embeddings need an even head dimension")
+        if self.parscale_n > 1 and self.parscale_n_tokens < 1:
+            fail("parscale_n_tokens", "P > 1 needs at least one prefix token")
+        if not 0.0 <= self.parscale_attn_smooth < 1.0:
+            fail("parscale_attn_smooth", "must lie in [0, 1)")
+        if self.dtype not in ("float32", "bfloat16"):
+            fail("dtype", "allowed: float32, bfloat16")
+        return self
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], prefix: str = "model.") -> ParScaleConfig:
+        values = dict(mapping.items())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{prefix}{unknown[0]} is not a ParScale model field; allowed: "
+                f"{', '.join(sorted(known))}"
+            )
+        return cls(**values).validate(prefix)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> ParScaleConfig:
+        """From an HF config.json dict of model_type 'qwen2' or 'qwen2_parscale'."""
+        model_type = hf.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(
+                f"config.json model_type={model_type!r} is invalid: allowed: "
+                f"{', '.join(MODEL_TYPES)}"
+            )
+        if hf.get("use_sliding_window"):
+            raise ConfigError(
+                "config.json use_sliding_window=True is invalid: sliding-window "
+                "attention is not supported (every Qwen2/ParScale release has it off)"
+            )
+        if hf.get("rope_scaling"):
+            raise ConfigError(
+                f"config.json rope_scaling={hf['rope_scaling']!r} is invalid: only "
+                "plain RoPE is supported"
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        values = {k: hf[k] for k in known if k in hf and hf[k] is not None}
+        if model_type == "qwen2":
+            values["parscale_n"] = 1
+        return cls(**values).validate(prefix="config.json ")
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF config.json dict (Qwen2ParScale when P > 1, otherwise plain Qwen2)."""
+        hf: dict[str, Any] = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "dtype"
+        }
+        if hf["head_dim"] is None:
+            del hf["head_dim"]
+        hf.update(
+            hidden_act="silu",
+            use_sliding_window=False,
+            rope_scaling=None,
+            attention_dropout=0.0,
+            torch_dtype="float32",
+        )
+        if self.parscale_n > 1:
+            hf.update(model_type="qwen2_parscale", architectures=["Qwen2ParScaleForCausalLM"])
+        else:
+            for name in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth"):
+                del hf[name]
+            hf.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+        return hf

@@ -1,0 +1,326 @@
+"""HF Qwen2 / Qwen2-ParScale checkpoints (config.json + *.safetensors) <-> Flax params.
+
+    python -m parscale_jax.convert check-oracle FILE.npz [FILE.npz ...]
+
+compares the port with the reference oracles (shared/oracles/parscale/README.md): logits of the
+plain forward (atol 1e-4), logits of the left-padded batch where the mask is 1, and the 8 greedy
+tokens (exact); exits non-zero on any mismatch.
+
+Key map (torch Linear weights are (out, in), Flax kernels (in, out)):
+  model.embed_tokens.weight                      embed_tokens/embedding
+  model.layers.{i}.input_layernorm.weight        layers_{i}/input_layernorm/weight
+  model.layers.{i}.self_attn.{q,k,v}_proj.*      layers_{i}/self_attn/{q,k,v}_proj/{kernel,bias}
+  model.layers.{i}.self_attn.o_proj.weight       layers_{i}/self_attn/o_proj/kernel
+  model.layers.{i}.self_attn.prefix_{k,v}        layers_{i}/self_attn/prefix_{k,v}  (P > 1)
+  model.layers.{i}.post_attention_layernorm.*    layers_{i}/post_attention_layernorm/weight
+  model.layers.{i}.mlp.{gate,up,down}_proj.*     layers_{i}/mlp/{gate,up,down}_proj/kernel
+  model.norm.weight                              norm/weight
+  model.aggregate_layer.{0,2}.*                  aggregate_layer/dense_{0,1}/*       (P > 1)
+  lm_head.weight                                 lm_head/kernel        (absent when tied)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from parscale_jax.config import ParScaleConfig
+from parscale_jax.model import ParScaleLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose tensor names or shapes do not fit its config."""
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat: dict[tuple[str, ...], Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, (*prefix, name)))
+        else:
+            flat[(*prefix, name)] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+    return tree
+
+
+def hf_key(path: tuple[str, ...]) -> str:
+    """HF tensor name of a Flax param path."""
+    *module, leaf = path
+    if module == ["embed_tokens"]:
+        return "model.embed_tokens.weight"
+    if module == ["lm_head"]:
+        return "lm_head.weight"
+    if module[0] == "aggregate_layer":
+        index = {"dense_0": "0", "dense_1": "2"}[module[1]]
+        return f"model.aggregate_layer.{index}.{'weight' if leaf == 'kernel' else leaf}"
+    parts = ["model"]
+    for name in module:
+        parts.append(f"layers.{name[len('layers_') :]}" if name.startswith("layers_") else name)
+    parts.append("weight" if leaf == "kernel" else leaf)
+    return ".".join(parts)
+
+
+def _is_kernel(path: tuple[str, ...]) -> bool:
+    return path[-1] == "kernel"
+
+
+def abstract_params(config: ParScaleConfig) -> dict[str, Any]:
+    model = ParScaleLM(config)
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+
+
+def expected_shapes(config: ParScaleConfig) -> dict[str, tuple[int, ...]]:
+    return {
+        hf_key(path): tuple(reversed(leaf.shape)) if _is_kernel(path) else tuple(leaf.shape)
+        for path, leaf in _flatten(abstract_params(config)).items()
+    }
+
+
+def params_from_state_dict(
+    config: ParScaleConfig, state_dict: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
+    """HF tensors -> Flax params; every missing, unexpected or mis-shaped name is reported."""
+    abstract = _flatten(abstract_params(config))
+    expected = {hf_key(p): p for p in abstract}
+    problems = []
+    for key in sorted(set(expected) - set(state_dict)):
+        shape = abstract[expected[key]].shape
+        shape = tuple(reversed(shape)) if _is_kernel(expected[key]) else tuple(shape)
+        problems.append(f"missing tensor {key!r} (expected shape {shape})")
+    for key in sorted(set(state_dict) - set(expected)):
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            # Tied models may still carry a copy of the embedding (torch state_dict() does).
+            if np.array_equal(state_dict[key], state_dict.get("model.embed_tokens.weight")):
+                continue
+            problems.append(
+                "tensor 'lm_head.weight' differs from the embedding but the config "
+                "says tie_word_embeddings=True"
+            )
+            continue
+        problems.append(f"unexpected tensor {key!r} (shape {tuple(state_dict[key].shape)})")
+    flat = {}
+    for key, path in expected.items():
+        if key not in state_dict:
+            continue
+        value = np.asarray(state_dict[key])
+        if _is_kernel(path):
+            value = value.T
+        want = tuple(abstract[path].shape)
+        if value.shape != want:
+            got = tuple(state_dict[key].shape)
+            problems.append(
+                f"mis-shaped tensor {key!r}: expected "
+                f"{tuple(reversed(want)) if _is_kernel(path) else want}, got {got}"
+            )
+            continue
+        flat[path] = jnp.asarray(value, jnp.float32)
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint does not fit its config ({len(problems)} problems):\n  "
+            + "\n  ".join(problems)
+        )
+    return _unflatten(flat)
+
+
+def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax params -> HF tensor names and layouts (no lm_head when the head is tied)."""
+    return {
+        hf_key(path): np.ascontiguousarray(np.asarray(v).T if _is_kernel(path) else np.asarray(v))
+        for path, v in _flatten(params).items()
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+
+
+def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory: single file or sharded with an index."""
+    directory = Path(directory)
+    index_path = directory / INDEX_FILE
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointMismatchError(f"{index_path} has no 'weight_map' dict")
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = directory / shard
+            if not shard_path.exists():
+                raise CheckpointMismatchError(
+                    f"{index_path} names shard {shard!r}, which is missing from {directory}"
+                )
+            loaded = load_file(str(shard_path))
+            stray = sorted(k for k in loaded if weight_map.get(k) != shard)
+            if stray:
+                raise CheckpointMismatchError(
+                    f"shard {shard!r} holds tensors the index places elsewhere: {stray[:5]}"
+                )
+            tensors.update(loaded)
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointMismatchError(f"index lists tensors no shard holds: {missing[:5]}")
+        return tensors
+    single = directory / SINGLE_FILE
+    if single.exists():
+        return load_file(str(single))
+    raise FileNotFoundError(f"{directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[ParScaleConfig, dict[str, Any]]:
+    """An HF checkpoint directory -> (config, Flax params)."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} does not exist")
+    config = ParScaleConfig.from_hf(json.loads(config_path.read_text()))
+    return config, params_from_state_dict(config, read_safetensors(directory))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    config: ParScaleConfig,
+    params: Mapping[str, Any],
+    max_shard_bytes: int | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes config.json + safetensors (sharded with an index past max_shard_bytes).
+
+    `hf_config` (e.g. the config.json the params came from) is written verbatim when given, so an
+    import/export round trip reproduces the files' contents.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict_from_params(params)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].nbytes
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        tmp = directory / f".{SINGLE_FILE}.tmp"
+        save_file(shards[0], str(tmp), metadata=metadata)
+        os.replace(tmp, directory / SINGLE_FILE)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / f".{name}.tmp"), metadata=metadata)
+            os.replace(directory / f".{name}.tmp", directory / name)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.nbytes for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
+    hf = dict(hf_config) if hf_config is not None else config.to_hf()
+    _atomic_write_text(directory / "config.json", json.dumps(hf, indent=2, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracle checking
+
+LOGITS_ATOL = 1e-4
+
+
+def _report(name: str, ok: bool, detail: str) -> bool:
+    print(f"  {'ok  ' if ok else 'FAIL'} {name:28s} {detail}")
+    return ok
+
+
+def check_oracle(path: str) -> bool:
+    """Runs one oracle file; True when logits, padded logits and generated tokens all match."""
+    from parscale_jax.generate import generate  # (generate imports this module)
+
+    data = np.load(path)
+    hf = json.loads(str(data["config_json"]))
+    config = ParScaleConfig.from_hf(hf)
+    state_dict = {k: data[k] for k in data.files if k.startswith("model.") or k == "lm_head.weight"}
+    params = params_from_state_dict(config, state_dict)
+    model = ParScaleLM(config)
+    print(
+        f"{path}: model_type {hf['model_type']}, P={config.parscale_n}, "
+        f"layers {config.num_hidden_layers}, eps {config.parscale_attn_smooth}"
+    )
+    ok = True
+    with jax.default_matmul_precision("highest"):
+        out = model.apply({"params": params}, jnp.asarray(data["input_ids"]), return_internals=True)
+        err = np.abs(np.asarray(out.logits) - data["logits"]).max()
+        ok &= _report("logits", err <= LOGITS_ATOL, f"max|err| {err:.2e}")
+        if "agg_weights" in data.files:
+            err = np.abs(np.asarray(out.aggregate_weights) - data["agg_weights"]).max()
+            ok &= _report("aggregation weights", err <= LOGITS_ATOL, f"max|err| {err:.2e}")
+        if "final_norm_out" in data.files:
+            err = np.abs(np.asarray(out.stream_hidden) - data["final_norm_out"]).max()
+            ok &= _report("final norm (per stream)", err <= LOGITS_ATOL, f"max|err| {err:.2e}")
+
+        mask = data["pad_attention_mask"]
+        padded = model.apply(
+            {"params": params},
+            jnp.asarray(data["pad_input_ids"]),
+            attention_mask=jnp.asarray(mask),
+            position_ids=jnp.asarray(data["pad_position_ids"]),
+        )
+        err = np.abs(np.asarray(padded.logits) - data["pad_logits"])[mask.astype(bool)].max()
+        ok &= _report("padded logits (mask == 1)", err <= LOGITS_ATOL, f"max|err| {err:.2e}")
+
+        want = data["gen_tokens"]
+        tokens = generate(
+            config, params, jnp.asarray(data["gen_prompt_ids"]), max_new_tokens=want.shape[1]
+        )
+        same = np.array_equal(np.asarray(tokens), want)
+        ok &= _report("8 greedy tokens", same, f"{np.asarray(tokens).tolist()} vs {want.tolist()}")
+    print(f"  => {'PASS' if ok else 'FAIL'}")
+    return bool(ok)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m parscale_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check-oracle", help="compare against reference oracle .npz files")
+    check.add_argument("files", nargs="+")
+    args = parser.parse_args(argv)
+    results = [check_oracle(f) for f in args.files]
+    print(f"{sum(results)}/{len(results)} oracle files match")
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

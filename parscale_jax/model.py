@@ -1,0 +1,333 @@
+"""Qwen2-family decoder with ParScale's P parallel streams (Chen et al., 2025), in Flax Linen.
+
+    x_p   = Embed(tokens)                       replicated P times, stream-major: row p*B + b
+    h_p   = Decoder(x_p; prefix_p)              every layer attends to its own 48 learned K/V
+                                                slots of stream p, then to the real tokens
+    w     = softmax_P(MLP(stack_p(h_p) hidden-major)) * (1 - eps) + eps / P    (float32)
+    logits = LMHead(sum_p w_p h_p)
+
+The streams share every backbone weight; P = 1 has no prefixes and no aggregator and is exactly
+Qwen2 (RMSNorm pre-norm, rotate-half RoPE, grouped-query attention with q/k/v biases, SwiGLU).
+
+Decoding uses a preallocated KV cache (`KVCache`): slots [0, n_prefix) hold the prefixes, token t
+of the (left-padded) sequence sits at slot n_prefix + t, for every one of the P*B rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from parscale_jax.config import ParScaleConfig
+
+Array = jax.Array
+
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows stay finite
+
+
+def dtype_of(config: ParScaleConfig) -> Any:
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+def fold_streams(x: Array, n_streams: int) -> Array:
+    """(B, ...) -> (P*B, ...), stream-major: row p*B + b is stream p of example b."""
+    return jnp.tile(x, (n_streams,) + (1,) * (x.ndim - 1))
+
+
+def unfold_streams(x: Array, n_streams: int) -> Array:
+    """(P*B, ...) -> (P, B, ...)."""
+    return x.reshape(n_streams, x.shape[0] // n_streams, *x.shape[1:])
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys/values (P*B, n_prefix + max_len, kv_heads, head_dim), which token slots hold
+    real tokens (B, max_len), and how many tokens have been written."""
+
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    token_valid: Array
+    length: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.token_valid.shape[1]
+
+
+@flax.struct.dataclass
+class LMOutput:
+    """logits (B, S, V) (S = 1 with last_only); the cache after this call (or None); with
+    return_internals: per-stream final normed hidden states (P*B, S, H), aggregator logits and
+    weights (B, S, P) (None when P = 1), and the aggregated hidden state (B, S, H)."""
+
+    logits: Array
+    cache: KVCache | None = None
+    stream_hidden: Array | None = None
+    aggregate_logits: Array | None = None
+    aggregate_weights: Array | None = None
+    hidden: Array | None = None
+
+
+class RMSNorm(nn.Module):
+    """Qwen2RMSNorm: normalise in float32, cast back, then scale."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotate-half rotary embedding: x (N, S, heads, hd), positions (N, S)."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (N, S, hd/2)
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention. q (N, S, nh, hd); k, v (N, T, kvh, hd); mask (N, S, T) bool."""
+    n, s, nh, hd = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(n, s, kvh, nh // kvh, hd)
+    logits = jnp.einsum("nskgd,ntkd->nkgst", q, k).astype(jnp.float32) / math.sqrt(hd)
+    logits = jnp.where(mask[:, None, None], logits, MASKED)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("nkgst,ntkd->nskgd", weights, v)
+    return out.reshape(n, s, nh * hd)
+
+
+def dense(features: int, name: str, use_bias: bool, dtype: Any) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    config: ParScaleConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array, layer_cache: Any = None):
+        """x (P*B, S, H). Without a cache, keys are [prefix; tokens]; with one, the new keys are
+        written at slot n_prefix + length and the whole buffer is attended (masked)."""
+        cfg = self.config
+        dt = dtype_of(cfg)
+        nh, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_head_dim
+        n, s, _ = x.shape
+        q = dense(nh * hd, "q_proj", True, dt)(x).reshape(n, s, nh, hd)
+        k = dense(kvh * hd, "k_proj", True, dt)(x).reshape(n, s, kvh, hd)
+        v = dense(kvh * hd, "v_proj", True, dt)(x).reshape(n, s, kvh, hd)
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+
+        if layer_cache is None:
+            if cfg.n_prefix:
+                prefix_k, prefix_v = self.prefixes(n)
+                k = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
+                v = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
+            new_cache = None
+        else:
+            cache_k, cache_v, length = layer_cache
+            start = (0, cfg.n_prefix + length, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            new_cache = (k, v)
+        out = attend(q, k, v, mask)
+        return dense(cfg.hidden_size, "o_proj", False, dt)(out), new_cache
+
+    def prefixes(self, rows: int) -> tuple[Array, Array]:
+        """The per-stream K/V prefixes broadcast stream-major to (rows, n_tokens, kvh, hd)."""
+        cfg = self.config
+        shape = (cfg.parscale_n, cfg.num_key_value_heads, cfg.parscale_n_tokens, cfg.kv_head_dim)
+        init = nn.initializers.normal(0.02)
+        prefix_k = self.param("prefix_k", init, shape, jnp.float32)
+        prefix_v = self.param("prefix_v", init, shape, jnp.float32)
+        return prefix_rows(prefix_k, rows), prefix_rows(prefix_v, rows)
+
+
+class MLP(nn.Module):
+    config: ParScaleConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dt = dtype_of(cfg)
+        gate = dense(cfg.intermediate_size, "gate_proj", False, dt)(x)
+        up = dense(cfg.intermediate_size, "up_proj", False, dt)(x)
+        return dense(cfg.hidden_size, "down_proj", False, dt)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: ParScaleConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, layer_cache=None):
+        cfg = self.config
+        attn_out, new_cache = Attention(cfg, name="self_attn")(
+            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, layer_cache
+        )
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
+        return x, new_cache
+
+
+class StreamAggregator(nn.Module):
+    """ParScale's dynamic weighted sum over streams, on (P, B, S, H) hidden states.
+
+    Input to the MLP is hidden-major (feature h*P + p); Linear(P*H -> H) -> SiLU -> Linear(H -> P);
+    float32 softmax over P; w <- w (1 - eps) + eps / P; output sum_p w_p h_p cast back.
+    """
+
+    n_streams: int
+    smoothing: float
+
+    @nn.compact
+    def __call__(self, streams: Array) -> tuple[Array, Array, Array]:
+        p, b, s, h = streams.shape
+        features = jnp.moveaxis(streams, 0, -1).reshape(b, s, h * p)
+        hidden = nn.silu(nn.Dense(h, name="dense_0")(features))
+        logits = nn.Dense(p, name="dense_1")(hidden)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        if self.smoothing:
+            weights = weights * (1.0 - self.smoothing) + self.smoothing / p
+        combined = jnp.einsum("bsp,pbsh->bsh", weights, streams.astype(jnp.float32))
+        return combined.astype(streams.dtype), logits, weights
+
+
+class ParScaleLM(nn.Module):
+    """Qwen2ForCausalLM / Qwen2ParScaleForCausalLM."""
+
+    config: ParScaleConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.initializers.normal(0.02),
+            dtype=dtype_of(cfg),
+        )
+        self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps)
+        if cfg.parscale_n > 1:
+            self.aggregate_layer = StreamAggregator(cfg.parscale_n, cfg.parscale_attn_smooth)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, "lm_head", False, dtype_of(cfg))
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        return_internals: bool = False,
+    ) -> LMOutput:
+        """input_ids (B, S). attention_mask (B, S) marks real tokens (left padding is 0).
+        position_ids default to cumsum(mask) - 1 clamped at 0 (HF generate's rule), counted from
+        the start of the cache when one is given."""
+        cfg = self.config
+        p = cfg.parscale_n
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s), jnp.int32)
+        valid = attention_mask.astype(bool)
+
+        if cache is None:
+            if position_ids is None:
+                position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+            causal = jnp.tril(jnp.ones((s, s), bool))
+            token_mask = causal[None] & valid[:, None, :]  # (B, S, S)
+            prefix_mask = jnp.ones((b, s, cfg.n_prefix), bool)
+            mask = jnp.concatenate([prefix_mask, token_mask], axis=-1)
+            new_valid = None
+        else:
+            length = cache.length
+            new_valid = jax.lax.dynamic_update_slice(cache.token_valid, valid, (0, length))
+            if position_ids is None:
+                written = jnp.sum(cache.token_valid, axis=1, keepdims=True)
+                position_ids = jnp.maximum(written + jnp.cumsum(attention_mask, axis=1) - 1, 0)
+            slot = jnp.arange(cache.max_len)
+            query_slot = length + jnp.arange(s)
+            token_mask = (slot[None, :] <= query_slot[:, None])[None] & new_valid[:, None, :]
+            prefix_mask = jnp.ones((b, s, cfg.n_prefix), bool)
+            mask = jnp.concatenate([prefix_mask, token_mask], axis=-1)
+
+        x = fold_streams(self.embed_tokens(input_ids), p)
+        positions = fold_streams(position_ids, p)
+        mask = fold_streams(mask, p)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.length)
+            x, updated = layer(x, positions, mask, layer_cache)
+            if updated is not None:
+                new_keys.append(updated[0])
+                new_values.append(updated[1])
+        if last_only:
+            x = x[:, -1:]
+        stream_hidden = self.norm(x)
+
+        agg_logits = agg_weights = None
+        if p > 1:
+            hidden, agg_logits, agg_weights = self.aggregate_layer(unfold_streams(stream_hidden, p))
+        else:
+            hidden = stream_hidden
+        if cfg.tie_word_embeddings:
+            logits = self.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(tuple(new_keys), tuple(new_values), new_valid, cache.length + s)
+        return LMOutput(
+            logits=logits.astype(jnp.float32),
+            cache=new_cache,
+            stream_hidden=stream_hidden if return_internals else None,
+            aggregate_logits=agg_logits if return_internals else None,
+            aggregate_weights=agg_weights if return_internals else None,
+            hidden=hidden if return_internals else None,
+        )
+
+
+def prefix_rows(prefix: Array, rows: int) -> Array:
+    """A (P, kvh, n_tokens, hd) prefix as cache rows (rows, n_tokens, kvh, hd), stream-major."""
+    per_stream = jnp.swapaxes(prefix, 1, 2)
+    return jnp.repeat(per_stream, rows // prefix.shape[0], axis=0)
+
+
+def init_cache(
+    config: ParScaleConfig, params: dict[str, Any], batch_size: int, max_len: int
+) -> KVCache:
+    """An empty cache for B sequences of up to max_len tokens, the prefixes written in front."""
+    rows = config.parscale_n * batch_size
+    shape = (rows, config.n_prefix + max_len, config.num_key_value_heads, config.kv_head_dim)
+    dt = dtype_of(config)
+    keys, values = [], []
+    for i in range(config.num_hidden_layers):
+        k, v = jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+        if config.n_prefix:
+            attn = params[f"layers_{i}"]["self_attn"]
+            k = k.at[:, : config.n_prefix].set(prefix_rows(attn["prefix_k"], rows).astype(dt))
+            v = v.at[:, : config.n_prefix].set(prefix_rows(attn["prefix_v"], rows).astype(dt))
+        keys.append(k)
+        values.append(v)
+    return KVCache(
+        tuple(keys), tuple(values), jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32)
+    )

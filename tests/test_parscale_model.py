@@ -1,0 +1,241 @@
+"""ParScale LM: reference oracles, cached decoding, sampling, checkpoint files."""
+
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parscale_jax import convert
+from parscale_jax.config import ConfigError, ParScaleConfig
+from parscale_jax.generate import at_parscale_n, filter_logits, generate
+from parscale_jax.model import ParScaleLM
+
+REPO = pathlib.Path(__file__).parent.parent
+ORACLES = sorted((REPO / "tests" / "fixtures" / "parscale").glob("oracle_*.npz"))
+
+TINY = ParScaleConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+    parscale_n=3,
+    parscale_n_tokens=5,
+    parscale_attn_smooth=0.1,
+)
+
+
+def random_params(config, seed=0):
+    """Init, then perturb every leaf so biases, norms and prefixes are all non-trivial."""
+    params = ParScaleLM(config).init(jax.random.key(seed), jnp.zeros((1, 3), jnp.int32))["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, leaves)
+
+
+def test_three_oracles_present():
+    assert [p.name for p in ORACLES] == ["oracle_P1.npz", "oracle_P2.npz", "oracle_qwen2.npz"]
+
+
+def test_check_oracle_command_passes_on_the_shared_files():
+    result = subprocess.run(
+        [sys.executable, "-m", "parscale_jax.convert", "check-oracle", *map(str, ORACLES)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3/3 oracle files match" in result.stdout
+    assert result.stdout.count("ok   8 greedy tokens") == 3
+
+
+def test_check_oracle_fails_when_the_aggregator_order_is_wrong(tmp_path):
+    """Stream-major instead of hidden-major aggregator input must be caught."""
+    data = dict(np.load(ORACLES[1]))
+    weight = data["model.aggregate_layer.0.weight"]  # (H, P*H), columns h*P + p
+    h = weight.shape[0]
+    data["model.aggregate_layer.0.weight"] = (
+        weight.reshape(h, h, 2).transpose(0, 2, 1).reshape(h, 2 * h)
+    )
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **data)
+    result = subprocess.run(
+        [sys.executable, "-m", "parscale_jax.convert", "check-oracle", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 1
+    assert "FAIL logits" in result.stdout
+
+
+@pytest.mark.parametrize("p", [1, 3])
+def test_cached_decoding_equals_recomputation_without_cache(p):
+    config = dataclasses.replace(TINY, parscale_n=p)
+    params = random_params(config)
+    model = ParScaleLM(config)
+    prompt = jnp.array([[0, 0, 5, 6, 7], [11, 12, 13, 14, 15]])
+    mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    new = generate(config, params, prompt, mask, max_new_tokens=6)
+    # Greedy by recomputing the whole (left-padded) sequence at every step.
+    ids, m = prompt, mask
+    for _ in range(6):
+        logits = model.apply({"params": params}, ids, attention_mask=m).logits[:, -1]
+        token = jnp.argmax(logits, -1)[:, None]
+        ids = jnp.concatenate([ids, token], 1)
+        m = jnp.concatenate([m, jnp.ones_like(token)], 1)
+    np.testing.assert_array_equal(new, ids[:, 5:])
+    # And the cached logits themselves agree with the uncached ones.
+    from parscale_jax.model import init_cache
+
+    cache = init_cache(config, params, 2, 11)
+    out = model.apply({"params": params}, ids[:, :9], m[:, :9], cache=cache)
+    out2 = model.apply({"params": params}, ids[:, 9:11], m[:, 9:11], cache=out.cache)
+    full = model.apply({"params": params}, ids, attention_mask=m).logits
+    real = np.asarray(m[:, :11], bool)
+    got = np.concatenate([out.logits, out2.logits], 1)
+    np.testing.assert_allclose(got[real], np.asarray(full)[real], atol=2e-5, rtol=1e-5)
+
+
+def test_left_padding_does_not_change_a_sequence():
+    params = random_params(TINY)
+    model = ParScaleLM(TINY)
+    seq = jnp.array([[3, 4, 5, 6]])
+    alone = model.apply({"params": params}, seq).logits
+    padded = model.apply(
+        {"params": params},
+        jnp.array([[0, 0, 3, 4, 5, 6]]),
+        attention_mask=jnp.array([[0, 0, 1, 1, 1, 1]]),
+    ).logits
+    np.testing.assert_allclose(padded[:, 2:], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_stop_tokens_pad_the_rest_and_sampling_is_seeded():
+    params = random_params(TINY)
+    prompt = jnp.array([[1, 2, 3]])
+    greedy = np.asarray(generate(TINY, params, prompt, max_new_tokens=5))
+    stop = int(greedy[0, 1])
+    stopped = np.asarray(
+        generate(TINY, params, prompt, max_new_tokens=5, stop_tokens=[stop], pad_id=96)
+    )
+    first = list(greedy[0]).index(stop)
+    assert list(stopped[0, : first + 1]) == list(greedy[0, : first + 1])
+    assert np.all(stopped[0, first + 1 :] == 96)
+    a = generate(TINY, params, prompt, max_new_tokens=8, temperature=1.0, seed=3)
+    b = generate(TINY, params, prompt, max_new_tokens=8, temperature=1.0, seed=3)
+    c = generate(TINY, params, prompt, max_new_tokens=8, temperature=1.0, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_top_k_and_top_p_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
+    top2 = np.asarray(filter_logits(logits, top_k=2))
+    assert np.isfinite(top2[0, [0, 2]]).all() and (top2[0, [1, 3]] < -1e30).all()
+    # Nucleus 0.75: 0.5 then 0.3 reaches 0.8 >= 0.75, so exactly tokens 0 and 2 stay.
+    nucleus = np.asarray(filter_logits(logits, top_p=0.75))
+    assert (nucleus[0, [0, 2]] > -1e30).all() and (nucleus[0, [1, 3]] < -1e30).all()
+    tiny_p = np.asarray(filter_logits(logits, top_p=0.01))
+    assert (tiny_p[0] > -1e30).sum() == 1  # the most likely token always survives
+    key = jax.random.key(0)
+    from parscale_jax.generate import next_token
+
+    draws = jax.vmap(lambda k: next_token(logits, k, 1.0, 2, 1.0))(jax.random.split(key, 400))
+    assert set(np.unique(np.asarray(draws))) == {0, 2}
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 20_000])
+def test_checkpoint_round_trip_is_exact(tmp_path, shard_bytes):
+    params = random_params(TINY)
+    convert.save_checkpoint(tmp_path, TINY, params, max_shard_bytes=shard_bytes)
+    sharded = (tmp_path / convert.INDEX_FILE).exists()
+    assert sharded == (shard_bytes is not None)
+    if sharded:
+        assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    config, loaded = convert.load_checkpoint(tmp_path)
+    assert config == TINY
+    jax.tree.map(np.testing.assert_array_equal, params, loaded)
+    # Export again: the tensors are byte-identical.
+    convert.save_checkpoint(tmp_path / "again", config, loaded, max_shard_bytes=shard_bytes)
+    first = convert.read_safetensors(tmp_path)
+    second = convert.read_safetensors(tmp_path / "again")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert first[key].tobytes() == second[key].tobytes(), key
+
+
+def test_hf_names_match_the_reference_layout():
+    names = convert.expected_shapes(TINY)
+    h, p, kvh, hd = 32, 3, 2, 8
+    assert names["model.layers.1.self_attn.prefix_k"] == (p, kvh, 5, hd)
+    assert names["model.aggregate_layer.0.weight"] == (h, p * h)
+    assert names["model.aggregate_layer.2.bias"] == (p,)
+    assert names["model.layers.0.self_attn.q_proj.bias"] == (4 * hd,)
+    assert names["model.layers.0.self_attn.o_proj.weight"] == (h, 4 * hd)
+    assert names["lm_head.weight"] == (97, h)
+    assert "model.layers.0.self_attn.o_proj.bias" not in names
+    tied = convert.expected_shapes(dataclasses.replace(TINY, tie_word_embeddings=True))
+    assert "lm_head.weight" not in tied
+
+
+def test_mismatched_checkpoint_names_every_bad_tensor():
+    sd = convert.state_dict_from_params(random_params(TINY))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    sd["model.layers.0.self_attn.prefix_v"] = np.zeros((2, 2, 5, 8), np.float32)
+    sd["model.layers.0.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
+    with pytest.raises(convert.CheckpointMismatchError) as err:
+        convert.params_from_state_dict(TINY, sd)
+    message = str(err.value)
+    assert "3 problems" in message
+    assert "missing tensor 'model.layers.1.mlp.up_proj.weight' (expected shape (48, 32))" in message
+    assert (
+        "mis-shaped tensor 'model.layers.0.self_attn.prefix_v': expected (3, 2, 5, 8), "
+        "got (2, 2, 5, 8)"
+    ) in message
+    assert "unexpected tensor 'model.layers.0.self_attn.o_proj.bias'" in message
+
+
+def test_bad_files_are_refused_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        convert.load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type='llama'"):
+        convert.load_checkpoint(tmp_path)
+    params = random_params(TINY)
+    convert.save_checkpoint(tmp_path, TINY, params, max_shard_bytes=20_000)
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(convert.CheckpointMismatchError, match="missing from"):
+        convert.load_checkpoint(tmp_path)
+
+
+def test_dynamic_parallel_scaling_keeps_the_backbone():
+    params = random_params(TINY)
+    config1, backbone = at_parscale_n(TINY, params, 1)
+    assert config1.parscale_n == 1 and "aggregate_layer" not in backbone
+    plain = ParScaleLM(config1).apply({"params": backbone}, jnp.array([[1, 2, 3]])).logits
+    assert plain.shape == (1, 3, 97)
+    with pytest.raises(ValueError, match="trained for P=3"):
+        at_parscale_n(TINY, params, 2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_key_value_heads=3), "num_key_value_heads=3 is invalid: must divide"),
+        (dict(parscale_attn_smooth=1.0), "parscale_attn_smooth=1.0"),
+        (dict(parscale_n=0), "parscale_n=0"),
+        (dict(dtype="float16"), "dtype='float16'"),
+    ],
+)
+def test_config_validation(change, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(TINY, **change).validate()
