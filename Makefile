@@ -45,4 +45,32 @@ bench: venv
 	$(VENV_PY) -m bench.ctm_step
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TORCH_VENV) build runs
+
+# ---- Reference outputs from stock PyTorch/transformers (second environment) ----
+# `make torch-reference` builds .venv-torch with Python 3.11 (the only Python the local CPU torch
+# wheel is built for) and regenerates build/torch_reference/, which the main suite prefers over the
+# committed copies in tests/fixtures/hf_qwen2/. Override with `make torch-reference TORCH_PYTHON=...`.
+TORCH_VENV := .venv-torch
+TORCH_VENV_PY := $(TORCH_VENV)/bin/python
+TORCH_REFERENCE_DIR := build/torch_reference
+# Same probing as for PYTHON above, for 3.11, unless TORCH_PYTHON comes from the command line or
+# the environment; `=` (not `:=`) so other targets don't pay for it.
+ifeq ($(filter command line environment,$(origin TORCH_PYTHON)),)
+TORCH_PYTHON = $(shell for c in python3.11 \
+	"$$(pyenv root 2>/dev/null)"/versions/3.11*/bin/python3.11 \
+	/usr/local/bin/python3.11 /usr/bin/python3.11 /opt/homebrew/bin/python3.11; do \
+	  if "$$c" -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1; then \
+	    command -v "$$c" || echo "$$c"; break; fi; done)
+endif
+
+.PHONY: torch-reference
+
+$(TORCH_VENV)/.installed: tools/torch_reference/requirements.txt
+	@py="$(TORCH_PYTHON)"; if [ -z "$$py" ]; then echo "error: no Python 3.11 found; pass TORCH_PYTHON=/path/to/python3.11" >&2; exit 1; fi; \
+	if [ ! -x $(TORCH_VENV_PY) ]; then echo "creating $(TORCH_VENV) with $$py"; "$$py" -m venv $(TORCH_VENV); fi
+	$(TORCH_VENV_PY) -m pip install -q -r tools/torch_reference/requirements.txt
+	@touch $@
+
+torch-reference: $(TORCH_VENV)/.installed
+	$(TORCH_VENV_PY) tools/torch_reference/make_qwen2_reference.py --out $(TORCH_REFERENCE_DIR)

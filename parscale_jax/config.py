@@ -118,6 +118,14 @@ class ParScaleConfig:
             )
         known = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
         values = {k: hf[k] for k in known if k in hf and hf[k] is not None}
+        rope = hf.get("rope_parameters")  # transformers >= 5 moved rope_theta in here
+        if rope is not None and "rope_theta" not in values:
+            if rope.get("rope_type", "default") != "default":
+                raise ConfigError(
+                    f"config.json rope_parameters.rope_type={rope['rope_type']!r} "
+                    "is invalid: only plain RoPE ('default') is supported"
+                )
+            values["rope_theta"] = rope["rope_theta"]
         if model_type == "qwen2":
             values["parscale_n"] = 1
         return cls(**values).validate(prefix="config.json ")
