@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from parscale_jax.config import ParScaleConfig
+from parscale_jax.parallel import Aggregator, replicate_streams, unfold_streams
 
 Array = jax.Array
 
@@ -32,16 +33,6 @@ MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked row
 
 def dtype_of(config: ParScaleConfig) -> Any:
     return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-
-
-def fold_streams(x: Array, n_streams: int) -> Array:
-    """(B, ...) -> (P*B, ...), stream-major: row p*B + b is stream p of example b."""
-    return jnp.tile(x, (n_streams,) + (1,) * (x.ndim - 1))
-
-
-def unfold_streams(x: Array, n_streams: int) -> Array:
-    """(P*B, ...) -> (P, B, ...)."""
-    return x.reshape(n_streams, x.shape[0] // n_streams, *x.shape[1:])
 
 
 @flax.struct.dataclass
@@ -62,13 +53,12 @@ class KVCache:
 @flax.struct.dataclass
 class LMOutput:
     """logits (B, S, V) (S = 1 with last_only); the cache after this call (or None); with
-    return_internals: per-stream final normed hidden states (P*B, S, H), aggregator logits and
+    return_internals: per-stream final normed hidden states (P*B, S, H), the aggregator's stream
     weights (B, S, P) (None when P = 1), and the aggregated hidden state (B, S, H)."""
 
     logits: Array
     cache: KVCache | None = None
     stream_hidden: Array | None = None
-    aggregate_logits: Array | None = None
     aggregate_weights: Array | None = None
     hidden: Array | None = None
 
@@ -187,29 +177,6 @@ class DecoderLayer(nn.Module):
         return x, new_cache
 
 
-class StreamAggregator(nn.Module):
-    """ParScale's dynamic weighted sum over streams, on (P, B, S, H) hidden states.
-
-    Input to the MLP is hidden-major (feature h*P + p); Linear(P*H -> H) -> SiLU -> Linear(H -> P);
-    float32 softmax over P; w <- w (1 - eps) + eps / P; output sum_p w_p h_p cast back.
-    """
-
-    n_streams: int
-    smoothing: float
-
-    @nn.compact
-    def __call__(self, streams: Array) -> tuple[Array, Array, Array]:
-        p, b, s, h = streams.shape
-        features = jnp.moveaxis(streams, 0, -1).reshape(b, s, h * p)
-        hidden = nn.silu(nn.Dense(h, name="dense_0")(features))
-        logits = nn.Dense(p, name="dense_1")(hidden)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        if self.smoothing:
-            weights = weights * (1.0 - self.smoothing) + self.smoothing / p
-        combined = jnp.einsum("bsp,pbsh->bsh", weights, streams.astype(jnp.float32))
-        return combined.astype(streams.dtype), logits, weights
-
-
 class ParScaleLM(nn.Module):
     """Qwen2ForCausalLM / Qwen2ParScaleForCausalLM."""
 
@@ -226,7 +193,9 @@ class ParScaleLM(nn.Module):
         self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps)
         if cfg.parscale_n > 1:
-            self.aggregate_layer = StreamAggregator(cfg.parscale_n, cfg.parscale_attn_smooth)
+            self.aggregate_layer = Aggregator(
+                cfg.parscale_n, cfg.parscale_attn_smooth, dtype=dtype_of(cfg)
+            )
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, "lm_head", False, dtype_of(cfg))
 
@@ -269,9 +238,10 @@ class ParScaleLM(nn.Module):
             prefix_mask = jnp.ones((b, s, cfg.n_prefix), bool)
             mask = jnp.concatenate([prefix_mask, token_mask], axis=-1)
 
-        x = fold_streams(self.embed_tokens(input_ids), p)
-        positions = fold_streams(position_ids, p)
-        mask = fold_streams(mask, p)
+        # The embedding runs once; its output is replicated P times, stream-major.
+        x = replicate_streams(self.embed_tokens(input_ids), p)
+        positions = replicate_streams(position_ids, p)
+        mask = replicate_streams(mask, p)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.length)
@@ -283,9 +253,11 @@ class ParScaleLM(nn.Module):
             x = x[:, -1:]
         stream_hidden = self.norm(x)
 
-        agg_logits = agg_weights = None
+        agg_weights = None
         if p > 1:
-            hidden, agg_logits, agg_weights = self.aggregate_layer(unfold_streams(stream_hidden, p))
+            hidden, agg_weights = self.aggregate_layer(
+                unfold_streams(stream_hidden, p), return_weights=True
+            )
         else:
             hidden = stream_hidden
         if cfg.tie_word_embeddings:
@@ -300,7 +272,6 @@ class ParScaleLM(nn.Module):
             logits=logits.astype(jnp.float32),
             cache=new_cache,
             stream_hidden=stream_hidden if return_internals else None,
-            aggregate_logits=agg_logits if return_internals else None,
             aggregate_weights=agg_weights if return_internals else None,
             hidden=hidden if return_internals else None,
         )

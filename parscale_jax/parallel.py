@@ -306,6 +306,8 @@ class ParallelStreams(nn.Module):
             in_axes=None,
             out_axes=0,
             axis_size=self.n_streams,
+            # Logically partitioned transform params get an unsharded leading stream axis.
+            metadata_params={nn.PARTITION_NAME: None},
         )
         return per_stream(self.input_transform, x)
 
@@ -313,11 +315,12 @@ class ParallelStreams(nn.Module):
         """f on every stream: xs (P, B, ...) -> outputs with leaves (P, B, ...).
 
         `args` are per-example arrays (batch axis 0, e.g. masks) that every stream shares;
-        `kwargs` are passed unchanged (flags such as `train=`).
+        `kwargs` are passed unchanged (flags such as `train=`). In 'fold' mode every output leaf
+        must carry the batch on axis 0, since it is unfolded back to (P, B, ...).
         """
         if self.mode == "fold":
             p = self.n_streams
-            tiled = [replicate_streams(jnp.asarray(a), p) for a in args]
+            tiled = jax.tree.map(lambda a: replicate_streams(jnp.asarray(a), p), args)
             folded = self.backbone(fold_streams(xs), *tiled, **kwargs)
             return jax.tree.map(lambda leaf: unfold_streams(leaf, p), folded)
         shared = nn.vmap(

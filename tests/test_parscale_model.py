@@ -239,3 +239,37 @@ def test_dynamic_parallel_scaling_keeps_the_backbone():
 def test_config_validation(change, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(TINY, **change).validate()
+
+
+def test_folded_streams_equal_a_vmap_over_streams_with_the_shared_aggregator():
+    """The LM folds P streams into the batch. Recompute it the other way: vmap over the stream
+    index, each stream running the shared backbone with its own prefix, then the generic
+    `parallel.Aggregator` on the stacked (P, B, S, H) states and the LM head."""
+    from parscale_jax.parallel import Aggregator
+
+    params = random_params(TINY)
+    model = ParScaleLM(TINY)
+    ids = jnp.array([[5, 6, 7, 8], [9, 10, 11, 12]])
+    folded = model.apply({"params": params}, ids, return_internals=True)
+
+    def one_stream(p):
+        # Every stream slot gets stream p's prefix; any row of stream slot 0 is then stream p.
+        def pick(path, leaf):
+            name = path[-1].key
+            if name in ("prefix_k", "prefix_v"):
+                return jnp.broadcast_to(leaf[p], leaf.shape)
+            return leaf
+
+        stream_params = jax.tree_util.tree_map_with_path(pick, params)
+        out = model.apply({"params": stream_params}, ids, return_internals=True)
+        return out.stream_hidden[: ids.shape[0]]
+
+    streams = jax.vmap(one_stream)(jnp.arange(TINY.parscale_n))  # (P, B, S, H)
+    np.testing.assert_allclose(
+        streams.reshape(folded.stream_hidden.shape), folded.stream_hidden, atol=1e-5
+    )
+    hidden = Aggregator(TINY.parscale_n, TINY.parscale_attn_smooth).apply(
+        {"params": params["aggregate_layer"]}, streams
+    )
+    logits = hidden @ params["lm_head"]["kernel"]
+    np.testing.assert_allclose(logits, folded.logits, atol=1e-4)
