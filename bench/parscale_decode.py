@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.ctm_step import matmul_peak_flops
+from bench.ctm_step import matmul_peak_flops, time_calls
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.generate import generate
 from parscale_jax.model import KVCache, ParScaleLM, dtype_of, init_cache
@@ -244,12 +244,7 @@ def median_seconds(fn: Callable[[], Any], reps: int, warm_up: bool = True) -> fl
     """Median wall seconds of fn() over reps calls (each blocked on), after one warm-up call."""
     if warm_up:
         jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return time_calls(fn, reps)
 
 
 def measure_setting(

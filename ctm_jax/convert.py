@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ctm_jax import losses
 from ctm_jax.config import CTMConfig
@@ -88,26 +89,6 @@ def torch_key(path: tuple[str, ...], config: CTMConfig) -> tuple[str, int | None
     return dotted + leaf, None
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat: dict[tuple[str, ...], Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, (*prefix, name)))
-        else:
-            flat[(*prefix, name)] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return tree
-
-
 def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     return value.T if path[-1] == "kernel" else value
 
@@ -122,7 +103,7 @@ def expected_state_dict_shapes(
     """Reference key -> shape for a model whose (abstract) variables are given."""
     shapes: dict[str, tuple[int, ...]] = {}
     for collection in ("params", "buffers"):
-        for path, leaf in _flatten(variables_shapes.get(collection, {})).items():
+        for path, leaf in flatten_dict(variables_shapes.get(collection, {})).items():
             key, part = torch_key(path, config)
             shape = _to_torch_shape(path, tuple(leaf.shape))
             if part is not None:
@@ -138,7 +119,7 @@ def export_state_dict(config: CTMConfig, tree: Mapping[str, Any]) -> dict[str, n
     state: dict[str, np.ndarray] = {}
     packed: dict[str, list[np.ndarray | None]] = {}
     for collection in ("params", "buffers"):
-        for path, leaf in _flatten(collections.get(collection, {})).items():
+        for path, leaf in flatten_dict(collections.get(collection, {})).items():
             key, part = torch_key(path, config)
             value = _to_torch_layout(path, np.asarray(leaf))
             if part is None:
@@ -196,7 +177,7 @@ def import_state_dict(
     variables: dict[str, Any] = {}
     for collection in ("params", "buffers"):
         flat = {}
-        for path, leaf in _flatten(abstract.get(collection, {})).items():
+        for path, leaf in flatten_dict(abstract.get(collection, {})).items():
             key, part = torch_key(path, config)
             value = np.asarray(state_dict[key])
             if part is not None:
@@ -204,7 +185,7 @@ def import_state_dict(
                 value = value[part * rows : (part + 1) * rows]
             value = _to_torch_layout(path, value)  # a transpose is its own inverse
             flat[path] = jnp.asarray(value, dtype=leaf.dtype)
-        variables[collection] = _unflatten(flat)
+        variables[collection] = unflatten_dict(flat)
     return variables
 
 

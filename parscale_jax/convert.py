@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import load_file, save_file
 
 from parscale_jax.config import ParScaleConfig
@@ -44,26 +45,6 @@ SINGLE_FILE = "model.safetensors"
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose tensor names or shapes do not fit its config."""
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat: dict[tuple[str, ...], Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, (*prefix, name)))
-        else:
-            flat[(*prefix, name)] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return tree
 
 
 def hf_key(path: tuple[str, ...]) -> str:
@@ -96,7 +77,7 @@ def abstract_params(config: ParScaleConfig) -> dict[str, Any]:
 def expected_shapes(config: ParScaleConfig) -> dict[str, tuple[int, ...]]:
     return {
         hf_key(path): tuple(reversed(leaf.shape)) if _is_kernel(path) else tuple(leaf.shape)
-        for path, leaf in _flatten(abstract_params(config)).items()
+        for path, leaf in flatten_dict(abstract_params(config)).items()
     }
 
 
@@ -104,7 +85,7 @@ def params_from_state_dict(
     config: ParScaleConfig, state_dict: Mapping[str, np.ndarray]
 ) -> dict[str, Any]:
     """HF tensors -> Flax params; every missing, unexpected or mis-shaped name is reported."""
-    abstract = _flatten(abstract_params(config))
+    abstract = flatten_dict(abstract_params(config))
     expected = {hf_key(p): p for p in abstract}
     problems = []
     for key in sorted(set(expected) - set(state_dict)):
@@ -143,14 +124,14 @@ def params_from_state_dict(
             f"checkpoint does not fit its config ({len(problems)} problems):\n  "
             + "\n  ".join(problems)
         )
-    return _unflatten(flat)
+    return unflatten_dict(flat)
 
 
 def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax params -> HF tensor names and layouts (no lm_head when the head is tied)."""
     return {
         hf_key(path): np.ascontiguousarray(np.asarray(v).T if _is_kernel(path) else np.asarray(v))
-        for path, v in _flatten(params).items()
+        for path, v in flatten_dict(params).items()
     }
 
 
