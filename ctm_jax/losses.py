@@ -83,3 +83,33 @@ def sort_loss(predictions: Array, targets: Array) -> Array:
         blank_id=c - 1,
     )
     return jnp.mean(nll / targets.shape[1])
+
+
+def maze_loss(
+    predictions: Array,
+    certainties: Array,
+    targets: Array,
+    lookahead: int = 5,
+    use_most_certain: bool = True,
+) -> tuple[Array, Array, Array]:
+    """The reference's maze loss with its auto-curriculum.
+
+    predictions (B, R*5, T), targets (B, R) in {0 up, 1 down, 2 left, 3 right, 4 wait}. At every
+    tick find the longest correctly predicted prefix of the route; the loss covers route steps
+    [0, longest prefix over ticks + lookahead) (at least the first `lookahead`), averaged per
+    tick; then the certainty loss over ticks. Returns (loss, most-certain tick, steps covered).
+    """
+    b, route = targets.shape
+    ticks = predictions.shape[-1]
+    logits = predictions.reshape(b, route, 5, ticks)
+    step_losses = per_tick_cross_entropy(logits, targets)  # (B, R, T)
+    correct = jnp.argmax(logits, axis=2) == targets[..., None]  # (B, R, T)
+    # Length of the all-correct prefix at each tick (the reference's cumsum/argmax construction:
+    # the first route step always counts, so a wrong first step gives 0 as the prefix index).
+    prefix_ok = jnp.cumprod(correct, axis=1).astype(bool).at[:, 0].set(True)
+    prefix_index = jnp.sum(prefix_ok, axis=1) - 1  # (B, T): index of the last correct step
+    upto = jnp.minimum(jnp.max(prefix_index, axis=1) + lookahead, route)  # (B,)
+    mask = (jnp.arange(route)[None, :] < upto[:, None]).astype(step_losses.dtype)  # (B, R)
+    tick_losses = jnp.sum(step_losses * mask[..., None], axis=1) / jnp.sum(mask, axis=1)[:, None]
+    loss, where = certainty_loss(tick_losses, certainties, use_most_certain)
+    return loss, where, upto
