@@ -13,7 +13,11 @@ from typing import Any
 
 import numpy as np
 
-BACKBONES = ("none", "parity_backbone")
+RESNET_BACKBONES = tuple(
+    f"resnet{depth}-{k}" for depth in (18, 34, 50, 101, 152) for k in range(1, 5)
+)
+IMAGE_BACKBONES = (*RESNET_BACKBONES, "shallow-wide")
+BACKBONES = ("none", "parity_backbone", *IMAGE_BACKBONES)
 POSITIONAL_EMBEDDINGS = (
     "none",
     "learnable-fourier",
@@ -138,7 +142,12 @@ class CTMConfig:
         if self.variant not in VARIANTS:
             _fail(p, "variant", self.variant, f"allowed: {', '.join(VARIANTS)}")
         if self.backbone_type not in BACKBONES:
-            _fail(p, "backbone_type", self.backbone_type, f"allowed: {', '.join(BACKBONES)}")
+            _fail(
+                p,
+                "backbone_type",
+                self.backbone_type,
+                "allowed: none, parity_backbone, resnet{18,34,50,101,152}-{1..4}, shallow-wide",
+            )
         if self.positional_embedding_type not in POSITIONAL_EMBEDDINGS:
             _fail(
                 p,
@@ -239,6 +248,23 @@ class CTMConfig:
                 self.d_input,
                 f"the sort variant takes (batch, d_input) input, got shape {tuple(shape)}",
             )
+        if self.backbone_type in IMAGE_BACKBONES:
+            if len(shape) != 4:
+                _fail(
+                    prefix,
+                    "backbone_type",
+                    self.backbone_type,
+                    f"expects a (batch, H, W, C) image, got shape {tuple(shape)}",
+                )
+            if self.positional_embedding_type == "custom-rotational-1d":
+                _fail(
+                    prefix,
+                    "positional_embedding_type",
+                    "custom-rotational-1d",
+                    f"needs a 1-D token sequence; {self.backbone_type} emits a 2-D feature map",
+                )
+            # The positional-embedding checks below apply to the backbone's output map.
+            shape = (shape[0], *self.feature_map_size(shape[1], shape[2]), 0)
         if self.positional_embedding_type in (
             "custom-rotational",
             "learnable-fourier",
@@ -266,6 +292,23 @@ class CTMConfig:
                     self.positional_embedding_type,
                     f"divides by (H-1) and (W-1): needs H, W >= 2, got {height}x{width}",
                 )
+
+    def feature_map_size(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial size of the backbone's output for an H x W image input.
+
+        Every spatial reduction in the image backbones (3x3/2 max-pool with padding 1, 3x3/2 conv
+        with padding 1, 1x1/2 conv) maps n to (n - 1) // 2 + 1; a ResNet truncated after k
+        hyper-blocks applies it k times (max-pool + layers 2..k), shallow-wide once.
+        """
+        if self.backbone_type == "shallow-wide":
+            halvings = 1
+        elif self.backbone_type in RESNET_BACKBONES:
+            halvings = int(self.backbone_type.rsplit("-", 1)[1])
+        else:
+            return height, width
+        for _ in range(halvings):
+            height, width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+        return height, width
 
     # ----------------------------------------------------------------------------------------
     @classmethod

@@ -8,7 +8,9 @@ the file has them), prints the largest absolute and relative error of every comp
 exits non-zero when any array is outside rtol 1e-4 / atol 1e-5.
 
 Layouts: torch Linear weights are (out, in), Flax kernels (in, out); torch's MultiheadAttention
-packs [W_q; W_k; W_v] in one `in_proj_weight`; images are NCHW in torch, NHWC here.
+packs [W_q; W_k; W_v] in one `in_proj_weight`; images are NCHW in torch, NHWC here; conv
+kernels are OIHW in torch, HWIO in Flax. check-oracle runs the model in eval mode, so image
+backbones normalise with the imported BatchNorm running statistics.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ctm_jax import losses
-from ctm_jax.config import CTMConfig
+from ctm_jax.config import IMAGE_BACKBONES, CTMConfig
 from ctm_jax.model import CTM, project_params
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -53,7 +55,14 @@ _MODULE_RULES: list[tuple[str, str]] = [
     (r"\.mlp_0\.dense\.", ".mlp.0."),
     (r"\.mlp_1\.dense\.", ".mlp.2."),
     (r"\.mlp_norm\.", ".mlp.3."),
+    # Image backbones: torchvision ResNet names and the reference's ShallowWide Sequential.
+    (r"^backbone\.layer(\d+)_(\d+)\.", r"backbone.layer\1.\2."),
+    (r"\.downsample_(\d+)\.", r".downsample.\1."),
+    (r"^backbone\.layers_(\d+)\.", r"backbone.layers.\1."),
 ]
+# Variable collections that hold reference state-dict entries ('batch_stats': BatchNorm running
+# statistics under torch's leaf names, including the `num_batches_tracked` counter).
+_COLLECTIONS = ("params", "batch_stats", "buffers")
 # Leaf renames; Dense kernels are also transposed.
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 # The three parts of torch's packed attention in-projection, in row order.
@@ -90,11 +99,22 @@ def torch_key(path: tuple[str, ...], config: CTMConfig) -> tuple[str, int | None
 
 
 def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    return value.T if path[-1] == "kernel" else value
+    """Dense kernel (in, out) -> (out, in); conv kernel HWIO -> OIHW (grouped convs too: both
+    frameworks store in_channels/groups and order output channels group by group)."""
+    if path[-1] != "kernel":
+        return value
+    return np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
+
+
+def _from_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """Inverse of `_to_torch_layout`."""
+    if path[-1] != "kernel":
+        return value
+    return np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else value.T
 
 
 def _to_torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
+    return _to_torch_layout(path, np.empty(shape, np.bool_)).shape
 
 
 def expected_state_dict_shapes(
@@ -102,7 +122,7 @@ def expected_state_dict_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Reference key -> shape for a model whose (abstract) variables are given."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for collection in ("params", "buffers"):
+    for collection in _COLLECTIONS:
         for path, leaf in flatten_dict(variables_shapes.get(collection, {})).items():
             key, part = torch_key(path, config)
             shape = _to_torch_shape(path, tuple(leaf.shape))
@@ -113,15 +133,17 @@ def expected_state_dict_shapes(
 
 
 def export_state_dict(config: CTMConfig, tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax variables ({'params': ..., 'buffers': ...}) or a bare params/grads tree -> reference
-    keys and layouts."""
+    """Flax variables ({'params': ..., 'batch_stats': ..., 'buffers': ...}) or a bare
+    params/grads tree -> reference keys and layouts."""
     collections = tree if "params" in tree else {"params": tree}
     state: dict[str, np.ndarray] = {}
     packed: dict[str, list[np.ndarray | None]] = {}
-    for collection in ("params", "buffers"):
+    for collection in _COLLECTIONS:
         for path, leaf in flatten_dict(collections.get(collection, {})).items():
             key, part = torch_key(path, config)
             value = _to_torch_layout(path, np.asarray(leaf))
+            if path[-1] == "num_batches_tracked":
+                value = value.astype(np.int64)  # torch keeps the counter as int64
             if part is None:
                 state[key] = value
             else:
@@ -137,6 +159,18 @@ def example_input(config: CTMConfig, state_dict: Mapping[str, np.ndarray]) -> np
         return np.zeros((1, config.d_input), np.float32)
     if config.backbone_type == "parity_backbone":
         return np.ones((1, 4), np.float32)
+    first_conv = {"shallow-wide": "backbone.layers.0.weight"}.get(
+        config.backbone_type, "initial_rgb.weight"
+    )
+    if config.backbone_type in IMAGE_BACKBONES:
+        weight = state_dict.get(first_conv)
+        channels = int(np.shape(weight)[1]) if weight is not None else 3
+        # Big enough that the final feature map is at least 2x2 (the Fourier embeddings divide
+        # by H-1 and W-1): every backbone reduction maps n -> (n - 1) // 2 + 1.
+        size = 2
+        while config.feature_map_size(size, size)[0] < 2:
+            size *= 2
+        return np.zeros((1, size, size, channels), np.float32)
     weight = state_dict.get("kv_proj.0.weight")
     channels = int(np.shape(weight)[1]) if weight is not None else config.d_input
     return np.zeros((1, 4, 4, channels), np.float32)
@@ -149,6 +183,8 @@ def import_state_dict(
 ) -> dict[str, Any]:
     """Reference state dict (name -> array) -> Flax variables, checking every key and shape.
 
+    BatchNorm running statistics go to 'batch_stats' (`num_batches_tracked` too, as an int32
+    counter that train-mode forwards increment, so an export writes it back).
     Index buffers are copied (never redrawn) and stored as int32. Decay params are imported raw:
     the forward clamps them exactly as the reference's first forward would.
     """
@@ -175,7 +211,9 @@ def import_state_dict(
         )
 
     variables: dict[str, Any] = {}
-    for collection in ("params", "buffers"):
+    for collection in _COLLECTIONS:
+        if collection not in abstract:
+            continue
         flat = {}
         for path, leaf in flatten_dict(abstract.get(collection, {})).items():
             key, part = torch_key(path, config)
@@ -183,7 +221,7 @@ def import_state_dict(
             if part is not None:
                 rows = value.shape[0] // 3
                 value = value[part * rows : (part + 1) * rows]
-            value = _to_torch_layout(path, value)  # a transpose is its own inverse
+            value = _from_torch_layout(path, value)
             flat[path] = jnp.asarray(value, dtype=leaf.dtype)
         variables[collection] = unflatten_dict(flat)
     return variables
@@ -202,7 +240,8 @@ def import_reference(
 
 def reference_input_to_jax(x: np.ndarray, config: CTMConfig) -> np.ndarray:
     """Reference channels-first feature maps (B, C, H, W) / (B, C, L) -> channels-last."""
-    if config.backbone_type == "none" and config.variant == "ctm" and x.ndim >= 3:
+    channels_first = config.backbone_type == "none" or config.backbone_type in IMAGE_BACKBONES
+    if channels_first and config.variant == "ctm" and x.ndim >= 3:
         return np.moveaxis(x, 1, -1)
     return x
 

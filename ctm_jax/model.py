@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ctm_jax import synchronisation as sync
-from ctm_jax.backbones import make_backbone
+from ctm_jax.backbones import conv, make_backbone, parse_resnet, torch_default_conv_init
 from ctm_jax.config import CTMConfig
 from ctm_jax.modules import (
     POSITIONAL_EMBEDDINGS,
@@ -140,8 +140,11 @@ class CTMTick(nn.Module):
 
 
 class CTM(nn.Module):
-    """Continuous Thought Machine. Variables: 'params' (trainable) and 'buffers' (the int32
-    neuron index vectors of the synchronisation pairs: drawn once at init, imported verbatim).
+    """Continuous Thought Machine. Variables: 'params' (trainable), 'buffers' (the int32
+    neuron index vectors of the synchronisation pairs: drawn once at init, imported verbatim)
+    and, for the ResNet / shallow-wide backbones, 'batch_stats' (BatchNorm running statistics:
+    pass mutable=['batch_stats'] with train=True to get the updated ones back; train=False
+    normalises with them).
 
     `dtype` is the dtype of the input and the recurrent state (float64 needs jax x64 and float64
     variables; it exists to compare against the reference's float64 runs).
@@ -150,11 +153,22 @@ class CTM(nn.Module):
     config: CTMConfig
     dtype: Any = jnp.float32
 
-    def featurise(self, x: Array) -> Array:
-        """Backbone -> + positional embedding -> tokens -> Linear -> LayerNorm: (B, L, d_input)."""
+    def featurise(self, x: Array, train: bool = False) -> Array:
+        """[initial_rgb ->] backbone -> + positional embedding -> tokens -> Linear -> LayerNorm:
+        (B, L, d_input). `train` switches the backbone's BatchNorms to batch statistics."""
         cfg = self.config
+        if parse_resnet(cfg.backbone_type) is not None:
+            # The reference's lazily-sized 1x1 conv to RGB (torch default init, with bias).
+            x = conv(
+                3,
+                1,
+                use_bias=True,
+                kernel_init=torch_default_conv_init(x.shape[-1]),
+                bias_init=torch_default_conv_init(x.shape[-1]),
+                name="initial_rgb",
+            )(x)
         backbone = make_backbone(cfg.backbone_type, cfg.d_input)
-        features = x if backbone is None else backbone(x)
+        features = x if backbone is None else backbone(x, train)
         if cfg.positional_embedding_type != "none":
             embed = POSITIONAL_EMBEDDINGS[cfg.positional_embedding_type]
             features = features + embed(features.shape[-1], name="positional_embedding")(features)
@@ -206,7 +220,7 @@ class CTM(nn.Module):
         }
         tracking: dict[str, Array] = {}
         if cfg.has_attention:
-            kv = self.featurise(x)
+            kv = self.featurise(x, train)
             ctx["keys"], ctx["values"] = KeyValueProjection(
                 cfg.d_input, cfg.heads, name="attention_kv"
             )(kv)
