@@ -26,6 +26,7 @@ Metrics = dict[str, jax.Array]
 # Short names -> "module:Class", imported lazily so train_lib never imports model code eagerly.
 TASKS: dict[str, str] = {
     "ctm_parity": "ctm_jax.tasks.parity:ParityTask",
+    "ctm_maze": "ctm_jax.tasks.maze:MazeTask",
 }
 
 
