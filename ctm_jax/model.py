@@ -196,8 +196,11 @@ class CTM(nn.Module):
         right = self.variable("buffers", f"{role}_neuron_indices_right", side, 1)
         return sync.pair_indices(cfg.neuron_select_type, left.value, right.value)
 
-    @nn.compact
-    def __call__(self, x: Array, *, train: bool = False, track: bool = False) -> CTMOutput:
+    def _initial_state(
+        self, x: Array, train: bool, track: bool
+    ) -> tuple[dict[str, Array], dict[str, Any], dict[str, Array]]:
+        """Per-forward setup (called from `__call__`): the tick carry before tick 1, the tick
+        context (keys/values or inputs, neuron pairs, decay factors) and tracking extras."""
         cfg = self.config
         cfg.validate_input_shape(x.shape)
         x = jnp.asarray(x, self.dtype)
@@ -245,6 +248,24 @@ class CTM(nn.Module):
         if cfg.has_attention:
             carry["alpha_action"] = jnp.zeros((batch, cfg.synch_size_action), self.dtype)
             carry["beta_action"] = jnp.zeros((cfg.synch_size_action,), self.dtype)
+        return carry, ctx, tracking
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *,
+        train: bool = False,
+        track: bool = False,
+        initial_state_only: bool = False,
+    ) -> CTMOutput | tuple[dict[str, Array], dict[str, Any]]:
+        """All `config.iterations` ticks. With `initial_state_only`, returns `(carry, ctx)` for
+        `CTMTick` instead of running any tick (`ctm_jax.adaptive` then runs ticks one at a
+        time with the params under 'ticks')."""
+        cfg = self.config
+        carry, ctx, tracking = self._initial_state(x, train, track)
+        if initial_state_only:
+            return carry, ctx
 
         tick = nn.remat(CTMTick, prevent_cse=False) if cfg.remat_ticks else CTMTick
         ticks = nn.scan(
