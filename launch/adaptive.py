@@ -26,7 +26,7 @@ from ctm_jax.model import CTM
 from ctm_jax.tasks.maze import MazeTask
 from ctm_jax.tasks.maze_metrics import maze_metrics
 from ctm_jax.tasks.parity import ParityTask, most_certain_tick, parity_accuracy
-from train_lib import checkpointing, trainer
+from train_lib import trainer
 from train_lib.errors import ConfigError
 from train_lib.task import Batch, Task
 
@@ -73,18 +73,8 @@ def answer_metrics(task: Task) -> AnswerMetrics:
 
 def restore_variables(workdir: Path) -> tuple[ml_collections.ConfigDict, Task, Any, int]:
     """The run's config, task, model variables ({'params', ...buffers}) and checkpoint step."""
-    config = ml_collections.ConfigDict(json.loads((workdir / trainer.CONFIG_FILE).read_text()))
-    exp = trainer.build_experiment(config)
-    with checkpointing.Checkpointer(
-        workdir / trainer.CHECKPOINT_DIR, save_every=1, keep=1, async_save=False
-    ) as ckpt:
-        step = ckpt.latest_step()
-        if step is None:
-            raise ConfigError(f"--workdir={str(workdir)!r} is invalid: it holds no checkpoint")
-        with jax.set_mesh(exp.mesh):
-            target = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
-            state, _ = ckpt.restore(step, target, None)
-    return config, exp.task, {"params": state.params, **state.buffers}, step
+    exp, state, step = trainer.restore_run(workdir)
+    return exp.config, exp.task, {"params": state.params, **state.buffers}, step
 
 
 def evaluate(

@@ -10,21 +10,18 @@ and certainty.png (certainty per tick).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 from ctm_jax import viz
 from ctm_jax.tasks.maze import N_ACTIONS, MazeTask
-from train_lib import checkpointing
 from train_lib.errors import CheckpointMismatchError, ConfigError
-from train_lib.trainer import CHECKPOINT_DIR, CONFIG_FILE, build_experiment
+from train_lib.trainer import restore_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a maze training run.")
 _INDEX = flags.DEFINE_integer("index", 0, "Example of the eval split to draw.")
@@ -34,24 +31,10 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def load_run(workdir: str | Path) -> tuple[Any, Any, int]:
-    """(experiment, restored train state, step) of the latest checkpoint of `workdir`."""
-    workdir = Path(workdir)
-    config_path = workdir / CONFIG_FILE
-    if not config_path.exists():
-        raise ConfigError(f"{config_path} not found: is {workdir} a training workdir?")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    exp = build_experiment(config)
+    """(experiment, restored train state, step) of the latest checkpoint of a maze workdir."""
+    exp, state, step = restore_run(workdir)
     if not isinstance(exp.task, MazeTask):
-        raise ConfigError(f"{workdir} is a {config.task.name!r} run, not a maze run")
-    with checkpointing.Checkpointer(
-        workdir / CHECKPOINT_DIR, save_every=1, keep=1_000_000, async_save=False
-    ) as ckpt:
-        step = ckpt.latest_step()
-        if step is None:
-            raise ConfigError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
-        with jax.set_mesh(exp.mesh):
-            target = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
-            state, _ = ckpt.restore(step, target, None)
+        raise ConfigError(f"{workdir} is a {exp.config.task.name!r} run, not a maze run")
     return exp, state, step
 
 

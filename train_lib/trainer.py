@@ -314,6 +314,27 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
 
 
+def restore_run(workdir: str | Path) -> tuple[Experiment, TrainState, int]:
+    """(experiment, train state, step) of the latest checkpoint of a finished or running workdir,
+    for evaluation and analysis tools. Read-only: nothing in the workdir is written or pruned."""
+    workdir = Path(workdir)
+    config_path = workdir / CONFIG_FILE
+    if not config_path.exists():
+        raise ConfigError(f"{config_path} not found: is {workdir} a training workdir?")
+    exp = build_experiment(ml_collections.ConfigDict(json.loads(config_path.read_text())))
+    # keep is huge so that opening the manager can never prune the run's checkpoints.
+    with checkpointing.Checkpointer(
+        workdir / CHECKPOINT_DIR, save_every=1, keep=1_000_000, async_save=False
+    ) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
+        with jax.set_mesh(exp.mesh):
+            target = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+            state, _ = ckpt.restore(step, target, None)
+    return exp, state, step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSummary:
     """Trains (or resumes training) as `config` says, writing everything under `workdir`.
 
