@@ -29,18 +29,23 @@ from ctm_jax.losses import parity_loss
 from ctm_jax.model import CTM, project_params
 
 
+def best_seconds(fn, reps: int) -> float:
+    """Fastest of `reps` calls of fn() (blocking on the result), after one warm-up call."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
     """Dense float32 matmul FLOP/s of this machine, as XLA runs it."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        dot(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: dot(a, b), reps)
 
 
 def forward_flops(cfg: CTMConfig, batch: int, n_tokens: int, in_channels: int) -> float:

@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.ctm_step import matmul_peak_flops, time_calls
+from bench.ctm_step import best_seconds, matmul_peak_flops, time_calls
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.generate import generate
 from parscale_jax.model import KVCache, ParScaleLM, dtype_of, init_cache
@@ -124,13 +124,7 @@ def matvec_bandwidth(n: int = 8192, reps: int = 10) -> float:
     x = jnp.ones((n,), jnp.float32)
     w = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
-    dot(x, w).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        dot(x, w).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return w.nbytes / best
+    return w.nbytes / best_seconds(lambda: dot(x, w), reps)
 
 
 def tree_bytes(tree: Any) -> int:
