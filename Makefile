@@ -74,3 +74,4 @@ $(TORCH_VENV)/.installed: tools/torch_reference/requirements.txt
 
 torch-reference: $(TORCH_VENV)/.installed
 	$(TORCH_VENV_PY) tools/torch_reference/make_qwen2_reference.py --out $(TORCH_REFERENCE_DIR)
+	$(TORCH_VENV_PY) tools/torch_reference/make_ctm_checkpoint.py --out $(TORCH_REFERENCE_DIR)/ctm_pt

@@ -1,6 +1,7 @@
 """Reference PyTorch CTM state dicts <-> Flax variables, and the oracle checker.
 
     python -m ctm_jax.convert check-oracle FILE.npz [FILE.npz ...]
+    python -m ctm_jax.convert import-torch --checkpoint FILE.pt --out DIR
 
 reads files in the layout of shared/oracles/ctm/README.md, builds the model from the file's
 constructor kwargs, imports its state dict, runs the forward (and the loss and its gradients when
@@ -11,6 +12,12 @@ Layouts: torch Linear weights are (out, in), Flax kernels (in, out); torch's Mul
 packs [W_q; W_k; W_v] in one `in_proj_weight`; images are NCHW in torch, NHWC here; conv
 kernels are OIHW in torch, HWIO in Flax. check-oracle runs the model in eval mode, so image
 backbones normalise with the imported BatchNorm running statistics.
+
+import-torch turns a reference maze or parity training checkpoint (state dict + saved args; read
+by ctm_jax.torch_checkpoint, with or without torch) into a workdir that
+train_lib.trainer.restore_run reads: DIR/config.json, a full training config from
+configs/ctm_maze.py or configs/ctm_parity.py with the model section taken from the args, and an
+Orbax checkpoint at step = the file's `iteration` (0 without one) with a fresh optimiser state.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,7 +37,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ctm_jax import losses
 from ctm_jax.config import IMAGE_BACKBONES, CTMConfig
+from ctm_jax.config import ConfigError as CTMConfigError
 from ctm_jax.model import CTM, project_params
+from ctm_jax.torch_checkpoint import TorchCheckpointError, load_torch_checkpoint
+from train_lib.errors import ConfigError
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -334,6 +345,333 @@ def check_oracle(path: str) -> bool:
     return all_ok
 
 
+# ------------------------------------------------------------------------------------------------
+# import-torch: a reference `.pt` checkpoint -> a workdir that train_lib.trainer.restore_run reads
+
+# Keys every reference CTM state dict has (prefix '*' = at least one key under it).
+_CTM_MARKERS = ("start_activated_state", "start_trace", "synapses.*", "trace_processor.*")
+# Reference argparse name -> CTM constructor name, where they differ.
+_ARG_RENAMES = {"deep_memory": "deep_nlms", "do_normalisation": "do_layernorm_nlm"}
+_MODEL_ARGS = (
+    "iterations",
+    "d_model",
+    "d_input",
+    "heads",
+    "n_synch_out",
+    "n_synch_action",
+    "synapse_depth",
+    "memory_length",
+    "deep_nlms",
+    "memory_hidden_dims",
+    "do_layernorm_nlm",
+    "backbone_type",
+    "positional_embedding_type",
+    "dropout",
+    "dropout_nlm",
+    "neuron_select_type",
+    "n_random_pairing_self",
+)
+
+
+def _fail(path: Any, reason: str) -> TorchCheckpointError:
+    return TorchCheckpointError(f"{path}: {reason}")
+
+
+def ctm_checkpoint_parts(
+    checkpoint: Mapping[str, Any], path: Any = "<checkpoint>"
+) -> tuple[dict[str, np.ndarray], dict[str, Any], int | None]:
+    """(state dict, args with legacy names patched, iteration or None) of a loaded `.pt` dict.
+
+    The state dict is `model_state_dict` (training checkpoints), `state_dict` (the maze analysis
+    layout) or the top-level tensors (a bare state dict); 'module.' / '_orig_mod.' prefixes of
+    DataParallel / torch.compile are removed.
+    """
+    for name in ("model_state_dict", "state_dict"):
+        if isinstance(checkpoint.get(name), Mapping):
+            raw = checkpoint[name]
+            break
+    else:
+        raw = {k: v for k, v in checkpoint.items() if isinstance(v, np.ndarray)}
+    state_dict = {}
+    for key, value in raw.items():
+        key = str(key).removeprefix("module.").replace("_orig_mod.", "")
+        if not isinstance(value, np.ndarray):
+            raise _fail(path, f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        state_dict[key] = value
+    missing = [
+        m
+        for m in _CTM_MARKERS
+        if not (
+            any(k.startswith(m[:-1]) for k in state_dict) if m.endswith("*") else m in state_dict
+        )
+    ]
+    if missing:
+        found = sorted(state_dict)[:6]
+        raise _fail(
+            path,
+            f"not a CTM checkpoint: no state dict with CTM keys (missing {', '.join(missing)}; "
+            f"found {found if found else 'no tensors'}{' ...' if len(state_dict) > 6 else ''})",
+        )
+    args = checkpoint.get("args")
+    if not isinstance(args, Mapping):
+        raise _fail(
+            path,
+            "no saved 'args' (the reference's argparse.Namespace) next to the state dict: "
+            "the model configuration cannot be known",
+        )
+    args = dict(args)
+    # Legacy names, patched as the reference's analysis scripts do.
+    if "backbone_type" not in args and "resnet_type" in args:
+        scales = args.get("resnet_feature_scales") or [4]
+        args["backbone_type"] = f"{args['resnet_type']}-{list(scales)[-1]}"
+    args.setdefault("neuron_select_type", "first-last")
+    args.setdefault("n_random_pairing_self", 0)
+    iteration = checkpoint.get("iteration")
+    iteration = int(iteration) if isinstance(iteration, (int, np.integer)) else None
+    return state_dict, args, iteration
+
+
+def reference_task(args: Mapping[str, Any], path: Any = "<checkpoint>") -> str:
+    """'maze' or 'parity' from the saved args; other tasks are refused by name."""
+    model = args.get("model", args.get("model_type", "ctm"))
+    if model != "ctm":
+        raise _fail(path, f"args.model={model!r}: only CTM checkpoints can be imported")
+    dataset = str(args.get("dataset", ""))
+    if "maze_route_length" in args or dataset.startswith("mazes"):
+        return "maze"
+    if "parity_sequence_length" in args or dataset == "parity":
+        return "parity"
+    if any(str(k).startswith("q_num") for k in args):
+        task = "qamnist"
+    elif "env_id" in args:
+        task = "rl"
+    elif dataset:
+        task = dataset
+    else:
+        task = "unknown"
+    raise _fail(
+        path,
+        f"task {task!r} is not supported: only maze and parity CTM checkpoints can be imported",
+    )
+
+
+def reference_model_kwargs(args: Mapping[str, Any], path: Any = "<checkpoint>") -> dict[str, Any]:
+    """CTM constructor kwargs (without out_dims / prediction_reshaper) from the saved args."""
+    values = {_ARG_RENAMES.get(k, k): v for k, v in args.items()}
+    values.setdefault("dropout_nlm", None)  # older parsers had none: NLMs used `dropout`
+    missing = [name for name in _MODEL_ARGS if name not in values]
+    if missing:
+        raise _fail(path, f"args lack the model field(s) {', '.join(missing)}")
+    return {name: values[name] for name in _MODEL_ARGS}
+
+
+def _dense_or_paired(select: str, size: int) -> int | None:
+    """n_synch from a synchronisation vector length (n for pairing, n(n+1)/2 otherwise)."""
+    if select == "random-pairing":
+        return size
+    n = int((np.sqrt(8 * size + 1) - 1) / 2)
+    return n if n * (n + 1) // 2 == size else None
+
+
+def check_args_fit_state_dict(
+    kwargs: Mapping[str, Any],
+    task_fields: Mapping[str, tuple[int, int]],
+    state_dict: Mapping[str, np.ndarray],
+    path: Any = "<checkpoint>",
+) -> None:
+    """One error naming every args field whose value the state dict's shapes contradict.
+
+    `task_fields`: task arg name -> (value, outputs per position), e.g. maze_route_length -> (100,
+    5): the output projector must have value * outputs rows.
+    """
+    shape = lambda key: tuple(np.shape(state_dict[key])) if key in state_dict else None
+    select = str(kwargs["neuron_select_type"])
+    checks: list[tuple[str, Any, Any, str]] = []  # field, received, expected, evidence key
+    if (s := shape("start_activated_state")) and len(s) == 1:
+        checks.append(("d_model", kwargs["d_model"], s[0], "start_activated_state"))
+    if (s := shape("start_trace")) and len(s) == 2:
+        checks.append(("memory_length", kwargs["memory_length"], s[1], "start_trace"))
+    for field, key in (
+        ("n_synch_out", "decay_params_out"),
+        ("n_synch_action", "decay_params_action"),
+    ):
+        if (s := shape(key)) and len(s) == 1:
+            checks.append((field, kwargs[field], _dense_or_paired(select, s[0]), key))
+    if (s := shape("kv_proj.0.weight")) and len(s) == 2:
+        checks.append(("d_input", kwargs["d_input"], s[0], "kv_proj.0.weight"))
+    if "synapses.1.weight" in state_dict:
+        checks.append(("synapse_depth", kwargs["synapse_depth"], 1, "synapses.1.weight"))
+    elif downs := {
+        k.split(".")[2] for k in state_dict if k.startswith("synapses.down_projections.")
+    }:
+        checks.append(
+            ("synapse_depth", kwargs["synapse_depth"], len(downs) + 1, "synapses.down_projections")
+        )
+    if kwargs["deep_nlms"] and (s := shape("trace_processor.0.0.w1")) and len(s) == 3:
+        checks.append(
+            (
+                "memory_hidden_dims",
+                kwargs["memory_hidden_dims"],
+                s[1] // 2,
+                "trace_processor.0.0.w1",
+            )
+        )
+    if (s := shape("output_projector.0.weight")) and len(s) == 2:
+        for field, (value, per) in task_fields.items():
+            checks.append(
+                (
+                    field,
+                    value,
+                    s[0] // per if s[0] % per == 0 else None,
+                    "output_projector.0.weight",
+                )
+            )
+    bad = [
+        f"args.{field}: expected {expected} (from {key} {shape(key) or ''}), received {received!r}"
+        for field, received, expected, key in checks
+        if expected is None or received != expected
+    ]
+    if bad:
+        raise _fail(path, "args do not fit the state dict: " + "; ".join(bad))
+
+
+def _maze_size(args: Mapping[str, Any], route: int, path: Any) -> str:
+    from ctm_jax.tasks.maze_data import PRESETS  # noqa: PLC0415
+
+    named = str(args.get("dataset", "")).removeprefix("mazes-")
+    if named in PRESETS and PRESETS[named][1] == route:
+        return named
+    matches = [size for size, (_, r) in PRESETS.items() if r == route]
+    if not matches:
+        routes = sorted({r for _, r in PRESETS.values()})
+        raise _fail(
+            path, f"args.maze_route_length={route} is not a route length of any maze size {routes}"
+        )
+    print(
+        f"note: {args.get('dataset')!r} mazes have no route length {route} here; "
+        f"using task.size={matches[0]!r} ({PRESETS[matches[0]][0]}x{PRESETS[matches[0]][0]})"
+    )
+    return matches[0]
+
+
+def reference_training_config(
+    args: Mapping[str, Any], path: Any = "<checkpoint>", step: int = 0
+) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """(full training ConfigDict from configs/ctm_maze.py or ctm_parity.py, task fields for
+    `check_args_fit_state_dict`) from the saved args; `step` is the step the run will be at."""
+    task = reference_task(args, path)
+    kwargs = reference_model_kwargs(args, path)
+    if task == "maze":
+        from configs import ctm_maze  # noqa: PLC0415
+
+        config = ctm_maze.get_config()
+        route = args.get("maze_route_length")
+        route = int(route) if route is not None else int(args.get("out_dims", 0)) // 5
+        task_fields = {"maze_route_length": (route, 5)}
+        config.task.size = _maze_size(args, route, path)
+        # Checkpoints from before the flag existed were trained on [0, 1] inputs.
+        config.task.expand_range = bool(args.get("expand_range", False))
+        config.task.lookahead = int(args.get("cirriculum_lookahead", config.task.lookahead))
+        clip = float(args.get("gradient_clipping", -1))
+        config.optim.update(
+            clip="none" if clip == -1 else "global_norm",
+            max_grad_norm=config.optim.max_grad_norm if clip == -1 else clip,
+        )
+    else:
+        from configs import ctm_parity  # noqa: PLC0415
+
+        config = ctm_parity.get_config()
+        length = int(args["parity_sequence_length"])
+        task_fields = {"parity_sequence_length": (length, 2)}
+        config.task.seq_len = length
+        clip = float(args.get("gradient_clipping", -1))
+        config.optim.update(
+            clip="none" if clip == -1 else "quantile",
+            clip_quantile=config.optim.clip_quantile if clip == -1 else clip,
+        )
+    for name, value in kwargs.items():
+        config.model[name] = value
+    total = max(int(args.get("training_iterations", config.train.total_steps)), step + 1)
+    config.train.total_steps = total
+    config.train.batch_size = int(args.get("batch_size", config.train.batch_size))
+    config.optim.lr = float(args.get("lr", config.optim.lr))
+    config.optim.weight_decay = float(args.get("weight_decay", config.optim.weight_decay))
+    config.optim.warmup_steps = min(
+        int(args.get("warmup_steps", config.optim.warmup_steps)), total - 1
+    )
+    if not args.get("use_scheduler", True):
+        config.optim.schedule = "constant"
+    elif args.get("scheduler_type", "cosine") != "cosine":
+        print(f"note: scheduler_type={args['scheduler_type']!r} has no equivalent; using cosine")
+    return config, task_fields
+
+
+def import_torch_checkpoint(
+    checkpoint_path: str | Path, out: str | Path, backend: str = "auto"
+) -> dict[str, Any]:
+    """Reference CTM `.pt` -> `out/config.json` + an Orbax checkpoint in `out/checkpoints/`.
+
+    The train state holds the imported params (raw, as saved) and buffers, a fresh optimiser
+    state, the base dropout key of train.seed, and step = the checkpoint's `iteration` (0 when it
+    has none), so schedules and plots carry the reference's training progress. The data iterator
+    is saved at its start. Returns a summary dict. Raises TorchCheckpointError, ConfigError or
+    StateDictMismatchError with a one-line reason.
+    """
+    path = Path(checkpoint_path)
+    return import_checkpoint_dict(load_torch_checkpoint(path, backend), out, path)
+
+
+def import_checkpoint_dict(
+    checkpoint: Mapping[str, Any], out: str | Path, path: Any = "<checkpoint>"
+) -> dict[str, Any]:
+    """`import_torch_checkpoint` for an already loaded checkpoint dict (`path` names it)."""
+    from train_lib import checkpointing, trainer  # noqa: PLC0415
+
+    out = Path(out)
+    state_dict, args, iteration = ctm_checkpoint_parts(checkpoint, path)
+    step = iteration or 0
+    config, task_fields = reference_training_config(args, path, step)
+    check_args_fit_state_dict(reference_model_kwargs(args, path), task_fields, state_dict, path)
+    if (out / trainer.CONFIG_FILE).exists() or (out / trainer.CHECKPOINT_DIR).exists():
+        raise _fail(out, "already holds a workdir (config.json or checkpoints/); pick a new --out")
+    exp = trainer.build_experiment(config)
+    try:
+        variables = import_state_dict(exp.task.model_config, state_dict)
+    except StateDictMismatchError as e:
+        raise _fail(path, " ".join(str(e).split())) from None
+    params = variables.pop("params")
+    _, dropout_rng = jax.random.split(jax.random.key(int(config.train.seed)))
+    state = trainer.TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=params,
+        buffers=variables,
+        opt_state=exp.tx.init(params),
+        rng=dropout_rng,
+    )
+    with jax.set_mesh(exp.mesh):
+        state = jax.device_put(state, exp.state_shardings)
+    out.mkdir(parents=True, exist_ok=True)
+    train_iter = iter(exp.dataset("train").to_iter_dataset(trainer._read_options(config.train)))
+    meta = {
+        "config": exp.config_json,
+        "step": step,
+        "eval": {},
+        "finished": step >= exp.total_steps,
+        "imported_from": str(path),
+    }
+    with checkpointing.Checkpointer(
+        out / trainer.CHECKPOINT_DIR, save_every=1, keep=1_000_000, async_save=False
+    ) as ckpt:
+        ckpt.save(step, state, train_iter, meta, force=True)
+    (out / trainer.CONFIG_FILE).write_text(json.dumps(exp.config_json, indent=2) + "\n")
+    return {
+        "task": config.task.name,
+        "step": step,
+        "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "workdir": str(out),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ctm_jax.convert",
@@ -343,7 +681,29 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-oracle", help="compare against reference oracle .npz files")
     check.add_argument("files", nargs="+")
+    imp = sub.add_parser(
+        "import-torch", help="reference CTM .pt checkpoint -> workdir for launch/* tools"
+    )
+    imp.add_argument("--checkpoint", required=True, help="reference .pt file")
+    imp.add_argument("--out", required=True, help="new workdir (config.json + checkpoints/)")
+    imp.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "numpy"),
+        help="torch.load(weights_only=True) or the torch-free reader (auto: torch if installed)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "import-torch":
+        try:
+            summary = import_torch_checkpoint(args.checkpoint, args.out, args.backend)
+        except (TorchCheckpointError, ConfigError, CTMConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(
+            f"imported {args.checkpoint} ({summary['task']}, {summary['params']:,} parameters) "
+            f"-> {summary['workdir']} at step {summary['step']}"
+        )
+        return 0
     if args.command == "check-oracle":
         results = [check_oracle(f) for f in args.files]
         print(f"{sum(results)}/{len(results)} oracle files match (rtol {RTOL:g}, atol {ATOL:g})")

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags, logging
 
 from ctm_jax.adaptive import adaptive_forward
@@ -26,7 +25,7 @@ from ctm_jax.model import CTM
 from ctm_jax.tasks.maze import MazeTask
 from ctm_jax.tasks.maze_metrics import maze_metrics
 from ctm_jax.tasks.parity import ParityTask, most_certain_tick, parity_accuracy
-from train_lib import trainer
+from launch.common import format_table, restore_variables
 from train_lib.errors import ConfigError
 from train_lib.task import Batch, Task
 
@@ -69,12 +68,6 @@ def answer_metrics(task: Task) -> AnswerMetrics:
 
         return maze
     raise ConfigError(f"task {type(task).__name__} has no adaptive metrics (parity, maze only)")
-
-
-def restore_variables(workdir: Path) -> tuple[ml_collections.ConfigDict, Task, Any, int]:
-    """The run's config, task, model variables ({'params', ...buffers}) and checkpoint step."""
-    exp, state, step = trainer.restore_run(workdir)
-    return exp.config, exp.task, {"params": state.params, **state.buffers}, step
 
 
 def evaluate(
@@ -120,18 +113,6 @@ def evaluate(
     for name in base[0]:
         rows.append({"threshold": f"all ticks ({name})", **mean([b[name] for b in base])})
     return rows
-
-
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Aligned text table of the rows (missing values blank)."""
-    tick_columns = ("mean_ticks", "batch_ticks")
-    found = list(dict.fromkeys(k for row in rows for k in row))
-    columns = [c for c in found if c not in tick_columns] + [c for c in tick_columns if c in found]
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-    cells = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths, strict=True))
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -24,6 +24,13 @@ def follow_route(image: Array, actions: Array) -> tuple[Array, Array]:
     """Walks `actions` from the red start. Returns (solved, steps): solved when the goal is reached
     before any move into a wall or off the image; steps = valid moves made until the goal, the
     first invalid move or the end."""
+    _, solved, steps = walk_route(image, actions)
+    return solved, steps
+
+
+def walk_route(image: Array, actions: Array) -> tuple[Array, Array, Array]:
+    """`follow_route` that also returns where the walk ended: (position (2,) int32 row/col,
+    solved, steps). The walk stops before the first invalid move and at the goal."""
     red = (image[..., 0] > 0.5) & (image[..., 1] < 0.5) & (image[..., 2] < 0.5)
     green = (image[..., 1] > 0.5) & (image[..., 0] < 0.5) & (image[..., 2] < 0.5)
     open_ = jnp.max(image, axis=-1) > 0.5
@@ -45,8 +52,8 @@ def follow_route(image: Array, actions: Array) -> tuple[Array, Array]:
         return (pos, alive, solved, steps), None
 
     init = (_find(red), jnp.array(True), jnp.array(False), jnp.array(0, jnp.int32))
-    (_, _, solved, steps), _ = jax.lax.scan(step, init, actions.astype(jnp.int32))
-    return solved, steps
+    (pos, _, solved, steps), _ = jax.lax.scan(step, init, actions.astype(jnp.int32))
+    return pos, solved, steps
 
 
 def maze_metrics(images: Array, predicted: Array, targets: Array) -> dict[str, Array]:
