@@ -39,13 +39,13 @@ test: lint
 	$(VENV_PY) -m pytest tests
 
 demo: venv
-	$(VENV_PY) -m launch.train --config=configs/ctm_parity.py:tiny --workdir=runs/parity_demo
+	$(VENV_PY) -m launch.demo --config=configs/ctm_maze.py:cpu --workdir=runs/maze_demo
 
 bench: venv
 	$(VENV_PY) -m bench.ctm_step
 
 clean:
-	rm -rf $(VENV) $(TORCH_VENV) build runs
+	rm -rf $(VENV) $(TORCH_VENV) $(TPU_VENV) build runs
 
 # ---- Reference outputs from stock PyTorch/transformers (second environment) ----
 # `make torch-reference` builds .venv-torch with Python 3.11 (the only Python the local CPU torch
@@ -75,3 +75,25 @@ $(TORCH_VENV)/.installed: tools/torch_reference/requirements.txt
 torch-reference: $(TORCH_VENV)/.installed
 	$(TORCH_VENV_PY) tools/torch_reference/make_qwen2_reference.py --out $(TORCH_REFERENCE_DIR)
 	$(TORCH_VENV_PY) tools/torch_reference/make_ctm_checkpoint.py --out $(TORCH_REFERENCE_DIR)/ctm_pt
+
+# ---- TPU compiler for ahead-of-time checks on a CPU host (second environment) ----
+# `make tpu-venv` builds .venv-tpu: requirements.txt plus jax[tpu] at the pinned jax version, which
+# brings libtpu (about 0.5 GB). Then `.venv-tpu/bin/python -m launch.compile --topology=v5e:2x2
+# --config=...` compiles the train step with the real TPU compiler, no TPU needed. Not part of
+# `make test` (tests/test_aot_compile.py uses it when it exists); kept out of .venv, where libtpu
+# would make JAX look for TPU chips at start-up.
+TPU_VENV := .venv-tpu
+TPU_VENV_PY := $(TPU_VENV)/bin/python
+JAX_VERSION = $(shell sed -n 's/^jax==//p' requirements.txt)
+
+.PHONY: tpu-venv
+
+$(TPU_VENV)/.installed: requirements.txt requirements-tpu.txt
+	@if [ -z "$(PYTHON)" ]; then echo "error: no Python 3.12 found; pass PYTHON=/path/to/python3.12" >&2; exit 1; fi
+	@if [ -z "$(JAX_VERSION)" ]; then echo "error: requirements.txt has no jax==VERSION pin" >&2; exit 1; fi
+	@if [ ! -x $(TPU_VENV_PY) ]; then echo "creating $(TPU_VENV) with $(PYTHON)"; "$(PYTHON)" -m venv $(TPU_VENV); fi
+	$(TPU_VENV_PY) -m pip install -q --upgrade pip
+	$(TPU_VENV_PY) -m pip install -q -r requirements.txt -r requirements-tpu.txt "jax[tpu]==$(JAX_VERSION)"
+	@touch $@
+
+tpu-venv: $(TPU_VENV)/.installed

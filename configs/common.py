@@ -47,6 +47,38 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
-def mesh_section() -> ml_collections.ConfigDict:
-    """Mesh axis sizes; -1 takes the remaining devices. Params are replicated for now."""
-    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+def mesh_section(**overrides) -> ml_collections.ConfigDict:
+    """Mesh axis sizes (-1 takes the remaining devices) and the logical-axis rules.
+
+    `rules` maps every logical axis name the models' param tables and activation constraints use
+    to mesh axes: 'fsdp', 'tensor', 'data,fsdp' (both, in order) or '' (replicated). With the
+    defaults, `--config.mesh.fsdp=4` gives FSDP (params and optimiser state split along the model
+    dim over 4 devices) and `--config.mesh.tensor=2` tensor parallelism (heads, MLP, vocab, CTM
+    neurons). A dim the mesh axes do not divide is replicated (logged at start-up).
+    """
+    rules = dict(
+        batch="data,fsdp",  # activations' batch dim (and the input batch)
+        embed="fsdp",  # model width: LM hidden size, CTM d_input
+        hidden="fsdp",  # CTM synapse input / U-Net widths
+        heads="tensor",
+        kv_heads="tensor",
+        mlp="tensor",  # LM intermediate size, CTM synapse outputs
+        vocab="tensor",
+        neurons="tensor",  # CTM d_model: state, NLM weights
+        # replicated
+        length="",
+        head_dim="",
+        norm="",
+        streams="",
+        prefix="",
+        memory="",
+        nlm_hidden="",
+        synch="",
+        classes="",
+        features="",
+        conv_in="",
+        conv_out="",
+    )
+    values = dict(data=-1, fsdp=1, tensor=1, rules=rules)
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)

@@ -18,7 +18,7 @@ sequences (B, L) of +-1, sort vectors (B, N).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import flax.struct
@@ -39,6 +39,7 @@ from ctm_jax.modules import (
     layer_norm,
     uniform,
 )
+from ctm_jax.sharding_rules import PARAM_AXES
 
 Array = jax.Array
 
@@ -122,6 +123,8 @@ class CTMTick(nn.Module):
             dropout=cfg.nlm_dropout,
             name="trace_processor",
         )(trace, det)
+        # The per-tick state, split over neurons under tensor parallelism (no-op without rules).
+        z = nn.with_logical_constraint(z, ("batch", "neurons"))
 
         products = sync.pairwise_products(z, ctx["out_pairs"])
         synch_out, carry["alpha_out"], carry["beta_out"] = sync.update_synchronisation(
@@ -152,6 +155,8 @@ class CTM(nn.Module):
 
     config: CTMConfig
     dtype: Any = jnp.float32
+    # Logical axis names of every parameter, for train_lib.sharding.
+    param_axes: ClassVar = PARAM_AXES
 
     def featurise(self, x: Array, train: bool = False) -> Array:
         """[initial_rgb ->] backbone -> + positional embedding -> tokens -> Linear -> LayerNorm:
@@ -173,7 +178,8 @@ class CTM(nn.Module):
             embed = POSITIONAL_EMBEDDINGS[cfg.positional_embedding_type]
             features = features + embed(features.shape[-1], name="positional_embedding")(features)
         tokens = features.reshape(features.shape[0], -1, features.shape[-1])
-        return layer_norm("kv_norm")(Linear(cfg.d_input, name="kv_proj")(tokens))
+        kv = layer_norm("kv_norm")(Linear(cfg.d_input, name="kv_proj")(tokens))
+        return nn.with_logical_constraint(kv, ("batch", "length", "embed"))
 
     def _index_buffers(self, role: str, n_synch: int) -> tuple[Array, Array]:
         cfg = self.config

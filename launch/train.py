@@ -3,6 +3,12 @@
 Any config field can be overridden, e.g. `--config.optim.lr=3e-4 --config.train.total_steps=500`.
 Re-running the same command resumes from the latest checkpoint in the workdir. A bad config value
 or a non-finite metric ends the run with a one-line `error: ...` and a non-zero exit status.
+SIGTERM (preemption) saves a checkpoint at the next step boundary and exits with status 0.
+
+Multi-host (TPU pod slices, Slurm): run the same command on every host with `--multihost` and a
+shared `--workdir` (e.g. gs://bucket/run); `jax.distributed.initialize()` finds the coordinator
+itself there, or takes --coordinator_address / --num_processes / --process_id (any cluster,
+also several CPU processes on one machine).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train_lib.errors import ConfigError, NonFiniteError
-from train_lib.trainer import train_and_evaluate
+from train_lib.trainer import log, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -26,6 +32,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (TPU pods, Slurm)."
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "--multihost: host:port of process 0 (default: auto-detect)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "--multihost: number of processes (default: auto-detect)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "--multihost: this process's index (default: auto-detect)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,8 +51,20 @@ def main(argv: Sequence[str]) -> None:
         # Orbax logs every save step by step at INFO; progress lines come from the trainer.
         logging.set_verbosity(logging.WARNING)
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        # Before any other JAX call: afterwards the backend is fixed to the local devices.
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+        log(
+            f"process {jax.process_index()} of {jax.process_count()}: "
+            f"{jax.local_device_count()} local of {jax.device_count()} devices"
+        )
+    elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+        raise app.UsageError("--coordinator_address/--num_processes/--process_id need --multihost")
     try:
+        # Returns normally after a SIGTERM too (checkpoint saved): exit status 0.
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, NonFiniteError) as e:
         # Expected failures: one line, no traceback, non-zero exit.

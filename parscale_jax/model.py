@@ -16,7 +16,7 @@ of the (left-padded) sequence sits at slot n_prefix + t, for every one of the P*
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import flax.struct
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.parallel import Aggregator, replicate_streams, unfold_streams
+from parscale_jax.sharding_rules import PARAM_AXES
 
 Array = jax.Array
 
@@ -122,6 +123,7 @@ class Attention(nn.Module):
         nh, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_head_dim
         n, s, _ = x.shape
         q = dense(nh * hd, "q_proj", True, dt)(x).reshape(n, s, nh, hd)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = dense(kvh * hd, "k_proj", True, dt)(x).reshape(n, s, kvh, hd)
         v = dense(kvh * hd, "v_proj", True, dt)(x).reshape(n, s, kvh, hd)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
@@ -160,7 +162,8 @@ class MLP(nn.Module):
         dt = dtype_of(cfg)
         gate = dense(cfg.intermediate_size, "gate_proj", False, dt)(x)
         up = dense(cfg.intermediate_size, "up_proj", False, dt)(x)
-        return dense(cfg.hidden_size, "down_proj", False, dt)(nn.silu(gate) * up)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense(cfg.hidden_size, "down_proj", False, dt)(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -181,6 +184,8 @@ class ParScaleLM(nn.Module):
     """Qwen2ForCausalLM / Qwen2ParScaleForCausalLM."""
 
     config: ParScaleConfig
+    # Logical axis names of every parameter, for train_lib.sharding.
+    param_axes: ClassVar = PARAM_AXES
 
     def setup(self) -> None:
         cfg = self.config
@@ -207,10 +212,15 @@ class ParScaleLM(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         return_internals: bool = False,
+        segment_ids: Array | None = None,
     ) -> LMOutput:
         """input_ids (B, S). attention_mask (B, S) marks real tokens (left padding is 0).
         position_ids default to cumsum(mask) - 1 clamped at 0 (HF generate's rule), counted from
-        the start of the cache when one is given."""
+        the start of the cache when one is given.
+
+        segment_ids (B, S), for packed training sequences without a cache: a token attends only
+        to earlier tokens of its own segment (mark padding 0 in attention_mask too); the
+        prefixes stay visible to every token. Pass each document's own positions with it."""
         cfg = self.config
         p = cfg.parscale_n
         b, s = input_ids.shape
@@ -223,10 +233,17 @@ class ParScaleLM(nn.Module):
                 position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
             causal = jnp.tril(jnp.ones((s, s), bool))
             token_mask = causal[None] & valid[:, None, :]  # (B, S, S)
+            if segment_ids is not None:
+                # Padding queries (segment 0) keep the plain mask so no softmax row is empty;
+                # their outputs carry no loss.
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]
+                token_mask &= same | (segment_ids[:, :, None] == 0)
             prefix_mask = jnp.ones((b, s, cfg.n_prefix), bool)
             mask = jnp.concatenate([prefix_mask, token_mask], axis=-1)
             new_valid = None
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids is for packed training sequences, not decoding")
             length = cache.length
             new_valid = jax.lax.dynamic_update_slice(cache.token_valid, valid, (0, length))
             if position_ids is None:
@@ -238,14 +255,17 @@ class ParScaleLM(nn.Module):
             prefix_mask = jnp.ones((b, s, cfg.n_prefix), bool)
             mask = jnp.concatenate([prefix_mask, token_mask], axis=-1)
 
-        # The embedding runs once; its output is replicated P times, stream-major.
+        # The embedding runs once; its output is replicated P times, stream-major. The hidden
+        # states' logical constraints are no-ops unless sharding rules are active.
         x = replicate_streams(self.embed_tokens(input_ids), p)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         positions = replicate_streams(position_ids, p)
         mask = replicate_streams(mask, p)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.length)
             x, updated = layer(x, positions, mask, layer_cache)
+            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])

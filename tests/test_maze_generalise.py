@@ -159,7 +159,7 @@ def test_walking_into_a_wall_stops_and_never_solves():
 
 
 # ------------------------------------------------------------------------------------------------
-# A real tiny CTM (configs/ctm_maze.py:test: 15x15 mazes, route 50, 3 ticks)
+# A real tiny CTM (configs/ctm_maze.py:test: 11x11 mazes, route 32, 3 ticks)
 
 
 @pytest.fixture(scope="module")
@@ -229,12 +229,12 @@ def run_eval(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_eval_cli_on_a_trained_maze_run(tmp_path: Path) -> None:
     workdir = tmp_path / "run"
-    config = get_config("test")  # 4 steps, a checkpoint at step 4, 15x15 mazes, 3 ticks
+    config = get_config("test")  # 4 steps, a checkpoint at step 4, 11x11 mazes, 3 ticks
     config.train.eval_every = 0
     trainer.train_and_evaluate(config, workdir)
     proc = run_eval(
         workdir,
-        "--sizes=15,19",
+        "--sizes=11,15",
         "--ticks=3,6",
         "--num_mazes=6",
         "--batch_size=4",
@@ -247,7 +247,7 @@ def test_eval_cli_on_a_trained_maze_run(tmp_path: Path) -> None:
     summary = json.loads(lines[-1])
     assert summary["step"] == 4 and summary["trained_ticks"] == 3
     rows = summary["rows"]
-    assert [(r["size"], r["ticks"]) for r in rows] == [(15, 3), (15, 6), (19, 3), (19, 6)]
+    assert [(r["size"], r["ticks"]) for r in rows] == [(11, 3), (11, 6), (15, 3), (15, 6)]
     for row in rows:
         assert 0.0 <= row["solve_rate_single"] <= row["solve_rate"] <= 1.0
         assert 1.0 <= row["mean_applications"] <= 3.0

@@ -119,6 +119,31 @@ def test_left_padding_does_not_change_a_sequence():
     np.testing.assert_allclose(padded[:, 2:], alone, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("p", [1, 3])
+def test_packed_documents_compute_what_they_compute_alone(p):
+    config = dataclasses.replace(TINY, parscale_n=p)
+    params = random_params(config)
+    model = ParScaleLM(config)
+    first, second = jnp.array([[7, 8, 9]]), jnp.array([[10, 11, 12, 13]])
+    packed = jnp.array([[7, 8, 9, 10, 11, 12, 13, 0]])
+    segments = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]])
+    positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 0]])
+    out = model.apply(
+        {"params": params},
+        packed,
+        attention_mask=segments > 0,
+        position_ids=positions,
+        segment_ids=segments,
+    ).logits
+    for doc, span in ((first, slice(0, 3)), (second, slice(3, 7))):
+        alone = model.apply({"params": params}, doc).logits
+        np.testing.assert_allclose(out[:, span], alone, atol=2e-5, rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(out)))  # the padding row is not an empty softmax
+    # Without segments the second document sees the first: the mask is what makes them equal.
+    leaky = model.apply({"params": params}, packed, attention_mask=segments > 0).logits
+    assert not np.allclose(leaky[:, 3:7], model.apply({"params": params}, second).logits, atol=1e-3)
+
+
 def test_stop_tokens_pad_the_rest_and_sampling_is_seeded():
     params = random_params(TINY)
     prompt = jnp.array([[1, 2, 3]])

@@ -1,25 +1,36 @@
 """Checkpoints: Orbax V0 CheckpointManager over (train state, data iterator, config JSON).
 
 Each checkpoint is `<workdir>/checkpoints/<step>/{state,data,meta}`. Orbax writes into a temporary
-directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint as
-the latest one. Saves are asynchronous: the device arrays are copied to host and training goes on
-while the files are written.
+directory and renames it when complete (on GCS, where renames are not atomic, it writes
+`commit_success.txt` last instead), so a run killed mid-save leaves the previous checkpoint as the
+latest one; `latest_step` never returns a half-written checkpoint, and the leftovers are removed.
+Saves are asynchronous: the device arrays are copied to host and training goes on while the files
+are written. Directories are `etils.epath` paths, so a `gs://` workdir works as is.
+
+Preemption: `PreemptionWatch` turns SIGTERM (the notice TPU VMs, Kubernetes and Slurm send before
+killing a job) into "save at the next step boundary and stop" -- see its docstring.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import signal
+import threading
 from collections.abc import Mapping
-from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
-from train_lib.errors import CheckpointMismatchError
+from train_lib.errors import CheckpointMismatchError, ConfigError
 
 STATE, DATA, META = "state", "data", "meta"
 # Enough leaves to recognise the problem without flooding the terminal.
@@ -76,13 +87,13 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | os.PathLike,
         *,
         save_every: int,
         keep: int,
         async_save: bool = True,
     ) -> None:
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=cm.FixedIntervalPolicy(save_every),
             preservation_policy=cm.LatestN(keep),
@@ -104,6 +115,11 @@ class Checkpointer:
 
     def should_save(self, step: int) -> bool:
         return self._manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True (on every process at the same step) once JAX's preemption sync manager has seen
+        a preemption notice; always False without `jax.distributed`."""
+        return self._manager.reached_preemption(step)
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
         """Raises CheckpointMismatchError naming the leaves whose shape/dtype/presence differ."""
@@ -180,3 +196,76 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
     )
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """An `etils.epath.Path` for a workdir or checkpoint directory: local paths are made absolute,
+    cloud URIs (`gs://bucket/run`) are kept as they are (pathlib would turn `gs://` into `gs:/`)."""
+    text = os.fspath(path)
+    if "://" in text:
+        if text.startswith("gs://") and not _gcs_backend_available():
+            raise ConfigError(
+                f"workdir {text!r} is invalid here: gs:// paths need gcsfs "
+                "(pip install -r requirements-tpu.txt) or tensorflow installed"
+            )
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(text))
+
+
+def _gcs_backend_available() -> bool:
+    """etils.epath reaches gs:// through gcsfs or tensorflow.io.gfile."""
+    return any(importlib.util.find_spec(name) for name in ("gcsfs", "tensorflow"))
+
+
+class PreemptionWatch:
+    """Tells the training loop when to save and stop because the job is being preempted.
+
+    Use it as a context manager around the loop and call `reached(step)` at every step boundary:
+    * One process (no `jax.distributed`): on entry a SIGTERM handler is installed that only sets
+      a flag (signal handlers run between bytecodes of the main thread, so nothing else is safe
+      there); on exit the previous handler is restored. `reached` returns the flag.
+    * `jax.distributed` initialised (multi-host): JAX's preemption sync manager already catches
+      SIGTERM on every host and agrees on one step, the first that every process can still
+      reach, through `CheckpointManager.reached_preemption`; `reached` asks it (every process
+      must call it at every step). No Python handler is installed: it would replace the sync
+      manager's.
+    Outside the main thread no handler can be installed; SIGTERM then keeps its usual effect.
+    """
+
+    def __init__(self, ckpt: Checkpointer, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+        self._ckpt = ckpt
+        self._signals = signals
+        self._previous: dict[int, Any] = {}
+        self._distributed = False
+        self.received: int | None = None  # the signal number, once one arrived (one process)
+
+    def __enter__(self) -> PreemptionWatch:
+        self._distributed = jax.distributed.is_initialized()
+        if self._distributed and not jax.config.jax_enable_preemption_service:
+            logging.warning(
+                "jax_enable_preemption_service is off: SIGTERM will not save a checkpoint"
+            )
+        if not self._distributed and threading.current_thread() is threading.main_thread():
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            # None: the previous handler was not installed from Python; the default is closest.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    @property
+    def uses_sync_manager(self) -> bool:
+        return self._distributed
+
+    def reached(self, step: int) -> bool:
+        """Whether to save `step` now and stop (the same answer on every process)."""
+        if self._distributed:
+            return self._ckpt.reached_preemption(step)
+        return self.received is not None

@@ -4,19 +4,21 @@
 `{"step": 500, "split": "train", "time": 1764441600.0, "loss": 0.41, ...}` -- the scalar names
 sit next to the three reserved keys, so `pandas.read_json(path, lines=True)` gives a table.
 TensorBoard event files (tensorboardX, no TensorFlow) live in `<workdir>/tensorboard`, tagged
-`<split>/<name>`.
+`<split>/<name>`. Paths are `etils.epath` paths, so a `gs://` workdir works: object stores cannot
+append, so there metrics.jsonl is rewritten whole at most every `upload_secs` and on close.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
@@ -24,9 +26,14 @@ TENSORBOARD_DIR = "tensorboard"
 RESERVED_KEYS = ("step", "split", "time")
 
 
-def read_metrics(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is a cloud URI (gs://, s3://, ...) rather than a local file."""
+    return "://" in os.fspath(path)
+
+
+def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl file (or of `<workdir>/metrics.jsonl`), optionally one split."""
-    path = Path(path)
+    path = epath.Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.exists():
@@ -35,7 +42,7 @@ def read_metrics(path: str | Path, split: str | None = None) -> list[dict[str, A
     return [r for r in records if split is None or r["split"] == split]
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def _truncate_after(path: epath.Path, step: int) -> None:
     """Drops records logged after `step`: a resumed run re-logs those steps itself."""
     if not path.exists():
         return
@@ -54,22 +61,32 @@ class MetricWriter:
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: str | os.PathLike,
         *,
         resume_step: int | None = None,
         tensorboard: bool = True,
         enabled: bool = True,
+        upload_secs: float = 30.0,
     ) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = epath.Path(workdir)
         self.enabled = enabled
         self._tb = None
+        self._file = None
+        self._closed = False
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / METRICS_FILE
         if resume_step is not None:
             _truncate_after(self.path, resume_step)
-        self._file = self.path.open("a", buffering=1)  # line-buffered: readable while running
+        self._lines: list[str] | None = None  # remote: the whole file, rewritten on upload
+        if is_remote(self.path):
+            self._lines = self.path.read_text().splitlines(True) if self.path.exists() else []
+            self._upload_secs = upload_secs
+            self._uploaded_at = time.monotonic()
+        else:
+            # Line-buffered: readable while running. Closed by close().
+            self._file = open(os.fspath(self.path), "a", buffering=1)  # noqa: SIM115
         if tensorboard:
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(
@@ -85,22 +102,41 @@ class MetricWriter:
             raise ValueError(f"metric names {sorted(clash)} are reserved in {METRICS_FILE}")
         record = {"step": int(step), "split": split, "time": round(time.time(), 3), **values}
         # allow_nan: a non-finite value is recorded as NaN/Infinity, which is what happened.
-        self._file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._lines is not None:
+            self._lines.append(line)
+            if time.monotonic() - self._uploaded_at >= self._upload_secs:
+                self._upload()
+        else:
+            self._file.write(line)
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(f"{split}/{name}", value, int(step))
 
+    def _upload(self) -> None:
+        self.path.write_text("".join(self._lines))
+        self._uploaded_at = time.monotonic()
+
     def flush(self) -> None:
-        if self.enabled:
+        if not self.enabled or self._closed:
+            return
+        if self._lines is not None:
+            self._upload()
+        else:
             self._file.flush()
-            if self._tb is not None:
-                self._tb.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
-        if self.enabled and not self._file.closed:
+        if not self.enabled or self._closed:
+            return
+        self._closed = True
+        if self._lines is not None:
+            self._upload()
+        else:
             self._file.close()
-            if self._tb is not None:
-                self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def _to_float(value: Any) -> float:
@@ -143,11 +179,15 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Step rate, example rate and ETA between calls; `line()` formats the progress line."""
+    """Step rate, example rate (and token rate, for sequence models) and ETA between calls;
+    `line()` formats the progress line."""
 
-    def __init__(self, total_steps: int, batch_size: int, start_step: int) -> None:
+    def __init__(
+        self, total_steps: int, batch_size: int, start_step: int, tokens_per_example: int = 0
+    ) -> None:
         self.total_steps = total_steps
         self.batch_size = batch_size
+        self.tokens_per_example = tokens_per_example
         self._last_step = start_step
         self._last_time = time.perf_counter()
 
@@ -166,7 +206,9 @@ class Progress:
             f"step {step:>{width}}/{self.total_steps} ({100.0 * step / self.total_steps:5.1f}%)",
             f"{rate:6.2f} steps/s",
             f"{rate * self.batch_size:8.1f} ex/s",
-            f"ETA {format_duration(eta)}",
         ]
+        if self.tokens_per_example:
+            parts.append(f"{rate * self.batch_size * self.tokens_per_example:8.0f} tok/s")
+        parts.append(f"ETA {format_duration(eta)}")
         parts += [f"{k} {scalars[k]:.4g}" for k in keys if k in scalars]
         return " | ".join(parts)

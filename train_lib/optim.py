@@ -208,10 +208,42 @@ def validate_optim_config(optim: Mapping[str, Any], total_steps: int) -> None:
             fail("clip_scope", f"allowed: {', '.join(QUANTILE_SCOPES)}")
 
 
+FROZEN, TRAINABLE = "frozen", "trainable"
+
+
+def trainable_mask(params: Any, trainable: Callable[[str], bool] | None) -> Any:
+    """A tree of bools like `params`: True where `trainable(path)` (everything when None)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: trainable is None or bool(trainable(param_path(path))), params
+    )
+
+
+def freeze(
+    tx: optax.GradientTransformation, trainable: Callable[[str], bool]
+) -> optax.GradientTransformation:
+    """`tx` on the params whose path `trainable` accepts; zero updates for the others.
+
+    `optax.multi_transform` hands `tx` only the trainable leaves (the frozen ones are masked
+    out), so clipping norms, weight decay and Adam's moments cover the trainable params alone,
+    and frozen params get `set_to_zero`, whose state is empty: no moments are allocated.
+    """
+
+    def labels(params: Any) -> Any:
+        mask = trainable_mask(params, trainable)
+        return jax.tree.map(lambda t: TRAINABLE if t else FROZEN, mask)
+
+    return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
 def make_optimizer(
-    optim: Mapping[str, Any], total_steps: int
+    optim: Mapping[str, Any],
+    total_steps: int,
+    trainable: Callable[[str], bool] | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(clipping -> AdamW) and its learning-rate schedule, from the `optim` config section."""
+    """(clipping -> AdamW) and its learning-rate schedule, from the `optim` config section.
+
+    With `trainable` (a predicate on param paths, see `freeze`) the other params stay frozen.
+    """
     validate_optim_config(optim, total_steps)
     schedule = make_schedule(optim, total_steps)
     clip = optim["clip"]
@@ -231,4 +263,7 @@ def make_optimizer(
         weight_decay=float(optim["weight_decay"]),
         mask=decay_mask_fn(tuple(optim["weight_decay_exclude"])),
     )
-    return optax.chain(clipper, adamw), schedule
+    tx = optax.chain(clipper, adamw)
+    if trainable is not None:
+        tx = freeze(tx, trainable)
+    return tx, schedule

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +27,7 @@ Metrics = dict[str, jax.Array]
 TASKS: dict[str, str] = {
     "ctm_parity": "ctm_jax.tasks.parity:ParityTask",
     "ctm_maze": "ctm_jax.tasks.maze:MazeTask",
+    "parscale_lm": "parscale_jax.task:ParScaleLMTask",
 }
 
 
@@ -48,6 +49,8 @@ class Task(abc.ABC):
     progress_keys: tuple[str, ...] = ("loss",)
     # Variable collections the forward pass updates in training (e.g. ("batch_stats",)).
     mutable_collections: tuple[str, ...] = ()
+    # Tokens per example for sequence models (the progress line then shows tokens/s); 0: none.
+    tokens_per_example: int = 0
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         self.config = config
@@ -92,6 +95,28 @@ class Task(abc.ABC):
     def project_params(self, params: Any) -> Any:
         """Applied after every optimiser update (e.g. clamping constrained parameters)."""
         return params
+
+    def trainable(self) -> Callable[[str], bool] | None:
+        """Which params the optimiser may change: a predicate on param paths ('a/b/kernel'), or
+        None (the default) when all of them train. Frozen params get no optimiser state, no
+        update, and `project_params` never changes them."""
+        return None
+
+    def warm_start(
+        self, variables: dict[str, Any], source: Mapping[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """Starting variables of a run whose workdir has no checkpoint yet, or None to keep the
+        fresh initialisation `variables` (host or device arrays, same structure).
+
+        `source` holds the variables ({'params': ..., <collections>}) of the latest checkpoint of
+        the workdir named by the top-level `init_from` config field, or None when it is unset.
+        The optimiser state and step start fresh either way. The default accepts no source.
+        """
+        if source is not None:
+            raise ConfigError(
+                f"init_from is invalid: task {type(self).__name__} cannot start from another run"
+            )
+        return None
 
     # -- objective ----------------------------------------------------------------------------
     @abc.abstractmethod

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import orbax.checkpoint as ocp
+from etils import epath
 
 from train_lib import checkpointing, metrics, optim, sharding
 from train_lib.errors import ConfigError, NonFiniteError
@@ -63,6 +65,7 @@ class RunSummary:
     eval_metrics: dict[str, float]  # final evaluation (empty if none ran)
     resumed_from: int | None  # checkpoint step the run started from, if any
     already_finished: bool  # the workdir held a finished run; nothing was trained
+    preempted: bool = False  # SIGTERM: saved a checkpoint at `step` and stopped early
 
 
 def log(message: str) -> None:
@@ -90,17 +93,23 @@ def validate_train_config(train: Mapping[str, Any]) -> None:
         fail("eval_batches", "must be >= 1 when train.eval_every > 0")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> tuple[Task, jax.sharding.Mesh]:
-    """Validates every section and returns the task and mesh; raises ConfigError otherwise."""
+def validate_config(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> tuple[Task, jax.sharding.Mesh]:
+    """Validates every section and returns the task and mesh; raises ConfigError otherwise.
+
+    `mesh` replaces the one built from `config.mesh` over the local devices (launch.compile
+    passes a mesh over a TPU topology's compile-only devices)."""
     for section in ("task", "optim", "train", "mesh"):
         if section not in config:
             raise ConfigError(f"{section} is missing: the config needs a '{section}' section")
     validate_train_config(config.train)
     optim.validate_optim_config(config.optim, int(config.train.total_steps))
     task = make_task(config)  # validates the task and model sections
-    mesh = sharding.make_mesh(config.mesh)
+    if mesh is None:
+        mesh = sharding.make_mesh(config.mesh)
     batch = int(config.train.batch_size)
-    dp = sharding.data_parallel_size(mesh)
+    dp = sharding.data_parallel_size(mesh, sharding.logical_rules(config.mesh))
     if batch % dp or batch % jax.process_count():
         raise ConfigError(
             f"train.batch_size={batch} is invalid: must be divisible by the data-parallel size "
@@ -141,6 +150,7 @@ def make_train_step(
     schedule: optax.Schedule,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """state, batch -> new state, scalar metrics (loss, task metrics, norms, lr)."""
+    trainable = task.trainable()
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -165,6 +175,9 @@ def make_train_step(
         (loss, (step_metrics, updated)), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = task.project_params(optax.apply_updates(state.params, updates))
+        if trainable is not None:  # frozen params stay exactly as they were
+            mask = optim.trainable_mask(params, trainable)
+            params = jax.tree.map(lambda t, new, old: new if t else old, mask, params, state.params)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -270,6 +283,8 @@ class Experiment:
     abstract_state: TrainState
     state_shardings: Any
     batch_sharding: jax.sharding.NamedSharding
+    # mesh.rules: trace under sharding.activate(mesh, logical_rules) for the activation constraints
+    logical_rules: sharding.LogicalRules = ()
 
     @property
     def total_steps(self) -> int:
@@ -287,17 +302,21 @@ class Experiment:
         )
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-    """Validates the config (raising ConfigError) and builds model, optimiser and shardings."""
-    task, mesh = validate_config(config)
+def build_experiment(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> Experiment:
+    """Validates the config (raising ConfigError) and builds model, optimiser and shardings
+    (on `mesh` when given, e.g. a TPU topology's devices for AOT compilation)."""
+    task, mesh = validate_config(config, mesh)
     total_steps = int(config.train.total_steps)
     local_batch = int(config.train.batch_size) // jax.process_count()
     model = task.build_model()
-    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps, task.trainable())
     example = task.example_batch(local_batch)
     abstract_state = jax.eval_shape(
         lambda key: init_state(task, model, tx, example, key), jax.random.key(0)
     )
+    rules = sharding.logical_rules(config.mesh)
     return Experiment(
         config=config,
         config_json=_config_json(config),
@@ -309,15 +328,18 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         local_batch=local_batch,
         example_batch=example,
         abstract_state=abstract_state,
-        state_shardings=sharding.state_shardings(mesh, abstract_state),
-        batch_sharding=sharding.batch_sharding(mesh),
+        state_shardings=sharding.state_shardings(
+            mesh, abstract_state, rules, sharding.model_param_axes(model), log
+        ),
+        batch_sharding=sharding.batch_sharding(mesh, rules),
+        logical_rules=rules,
     )
 
 
 def restore_run(workdir: str | Path) -> tuple[Experiment, TrainState, int]:
     """(experiment, train state, step) of the latest checkpoint of a finished or running workdir,
     for evaluation and analysis tools. Read-only: nothing in the workdir is written or pruned."""
-    workdir = Path(workdir)
+    workdir = checkpointing.as_path(workdir)  # gs:// stays gs://
     config_path = workdir / CONFIG_FILE
     if not config_path.exists():
         raise ConfigError(f"{config_path} not found: is {workdir} a training workdir?")
@@ -341,16 +363,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     Raises ConfigError before any compilation if the config is impossible, CheckpointMismatchError
     if the workdir holds a checkpoint of a differently shaped model, and NonFiniteError (after
     letting earlier saves finish, saving nothing new) if a metric becomes non-finite.
+
+    SIGTERM (preemption) while it runs: the step in progress finishes, that state and the data
+    iterator are saved (off-interval if need be), and it returns normally with `preempted` set;
+    running it again resumes there. `workdir` may be a cloud URI (`gs://...`, via etils.epath).
     """
     exp = build_experiment(config)
-    workdir = Path(workdir)
+    workdir = checkpointing.as_path(workdir)
     train = config.train
-    with checkpointing.Checkpointer(
-        workdir / CHECKPOINT_DIR,
-        save_every=int(train.checkpoint_every),
-        keep=int(train.keep_checkpoints),
-        async_save=bool(train.async_checkpointing),
-    ) as ckpt:
+    with (
+        checkpointing.Checkpointer(
+            workdir / CHECKPOINT_DIR,
+            save_every=int(train.checkpoint_every),
+            keep=int(train.keep_checkpoints),
+            async_save=bool(train.async_checkpointing),
+        ) as ckpt,
+        checkpointing.PreemptionWatch(ckpt) as watch,
+    ):
         latest = ckpt.latest_step()
         if latest is not None and latest >= exp.total_steps:
             final_eval = dict(ckpt.restore_meta(latest).get("eval") or {})
@@ -364,7 +393,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / CONFIG_FILE).write_text(json.dumps(exp.config_json, indent=2) + "\n")
-        last_eval = _train_loop(exp, ckpt, workdir, state, train_iter, resumed=latest is not None)
+        last_eval, step = _train_loop(exp, ckpt, workdir, state, train_iter, watch=watch)
+    if step < exp.total_steps:
+        return RunSummary(step, last_eval, latest, already_finished=False, preempted=True)
     log(f"finished at step {exp.total_steps}; checkpoints in {workdir / CHECKPOINT_DIR}")
     return RunSummary(exp.total_steps, last_eval, latest, already_finished=False)
 
@@ -376,32 +407,119 @@ def _restore_or_init(
     train_iter: grain.DatasetIterator,
 ) -> TrainState:
     """The latest checkpoint (state and data position), or a fresh state from train.seed."""
-    with jax.set_mesh(exp.mesh):
+    with sharding.activate(exp.mesh, exp.logical_rules):
         if latest is not None:
             target = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
             state, meta = ckpt.restore(latest, target, train_iter)
             log(f"restored checkpoint at step {latest} from {ckpt.directory}")
             _log_config_changes(meta.get("config", {}), exp.config_json)
             return state
+        source = _init_from_source(exp)  # before init: a bad init_from fails fast
         init = jax.jit(exp.init, out_shardings=exp.state_shardings)
         state = init(jax.random.key(int(exp.config.train.seed)))
+        state = _warm_start(exp, state, source)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(f"initialised {type(exp.model).__name__} with {n_params:,} parameters")
     return state
 
 
+def read_variables(
+    workdir: str | Path, mesh: jax.sharding.Mesh, shardings: Any = None
+) -> tuple[dict[str, Any], int]:
+    """({'params': ..., <collections>}, step) of the latest checkpoint of a training workdir,
+    without its optimiser state. Read-only (no checkpoint manager is opened on it). A leaf gets
+    the sharding at its path in `shardings` (a tree like the variables) if any, else replicated.
+    """
+    directory = checkpointing.as_path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise ConfigError(
+            f"init_from={str(workdir)!r} is invalid: {directory} does not exist (expected the "
+            "workdir of a training run with a checkpoint)"
+        )
+    # Orbax renames a checkpoint to its bare step number only once it is complete.
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    if not steps:
+        raise ConfigError(f"init_from={str(workdir)!r} is invalid: no checkpoint in {directory}")
+    step = max(steps)
+    path = directory / str(step) / checkpointing.STATE
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(path).item_metadata
+    saved = getattr(saved, "tree", saved)
+    by_path = {}
+    if shardings is not None:
+        flat, _ = jax.tree_util.tree_flatten_with_path(shardings)
+        by_path = {optim.param_path(k): v for k, v in flat}
+    replicated = sharding.replicated(mesh)
+    wanted = {"params": saved["params"], **dict(saved.get("buffers") or {})}
+    target = jax.tree_util.tree_map_with_path(
+        lambda k, m: jax.ShapeDtypeStruct(
+            m.shape, m.dtype, sharding=by_path.get(optim.param_path(k), replicated)
+        ),
+        wanted,
+    )
+    restore_target = {"params": target["params"]}
+    buffers = {k: v for k, v in target.items() if k != "params"}
+    if buffers:
+        restore_target["buffers"] = buffers
+    restored = checkpointer.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            restore_target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(restore_target),
+            partial_restore=True,
+        ),
+    )
+    return {"params": restored["params"], **dict(restored.get("buffers") or {})}, step
+
+
+def _init_from_source(exp: Experiment) -> dict[str, Any] | None:
+    """The variables of the latest checkpoint of the `init_from` workdir (None when unset)."""
+    init_from = exp.config.get("init_from") or None
+    if not init_from:
+        return None
+    shardings = exp.state_shardings
+    source, step = read_variables(
+        init_from, exp.mesh, {"params": shardings.params, **shardings.buffers}
+    )
+    log(f"init_from: read the variables of step {step} of {init_from}")
+    return source
+
+
+def _warm_start(exp: Experiment, state: TrainState, source: Any = None) -> TrainState:
+    """A fresh state's variables replaced by what the task starts from (`Task.warm_start`, given
+    the `init_from` source variables); the optimiser state is re-initialised for them, the step
+    stays 0."""
+    shardings = exp.state_shardings
+    started = exp.task.warm_start({"params": state.params, **state.buffers}, source)
+    if started is None:
+        return state
+    started = dict(started)
+    params = jax.device_put(started.pop("params"), shardings.params)
+    buffers = jax.device_put(started, shardings.buffers)
+    params = jax.jit(exp.task.project_params, out_shardings=shardings.params)(params)
+    opt_state = jax.jit(exp.tx.init, out_shardings=shardings.opt_state)(params)
+    return state.replace(params=params, buffers=buffers, opt_state=opt_state)
+
+
+def jit_train_step(exp: Experiment) -> Any:
+    """The jitted (not yet lowered) train step with the experiment's shardings, state donated.
+
+    The training loop and `launch.compile` (AOT for a TPU topology) both lower this one."""
+    return jax.jit(
+        make_train_step(exp.task, exp.model, exp.tx, exp.schedule),
+        in_shardings=(exp.state_shardings, exp.batch_sharding),
+        out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
+        donate_argnums=0,
+    )
+
+
 def _compile_steps(exp: Experiment, state: TrainState, batch: Batch, eval_batch: Batch | None):
     """AOT-compiled train step (state donated) and eval step (None without eval batches)."""
     replicated = sharding.replicated(exp.mesh)
-    train_step = jax.jit(
-        make_train_step(exp.task, exp.model, exp.tx, exp.schedule),
-        in_shardings=(exp.state_shardings, exp.batch_sharding),
-        out_shardings=(exp.state_shardings, replicated),
-        donate_argnums=0,
-    )
+    train_step = jit_train_step(exp)
     log("compiling train step ...")
     t0 = time.perf_counter()
-    with jax.set_mesh(exp.mesh):
+    with sharding.activate(exp.mesh, exp.logical_rules):
         train_step = train_step.lower(state, batch).compile()
         eval_step = None
         if eval_batch is not None:
@@ -419,13 +537,14 @@ def _compile_steps(exp: Experiment, state: TrainState, batch: Batch, eval_batch:
 def _train_loop(
     exp: Experiment,
     ckpt: checkpointing.Checkpointer,
-    workdir: Path,
+    workdir: epath.Path,
     state: TrainState,
     train_iter: grain.DatasetIterator,
     *,
-    resumed: bool,
-) -> dict[str, float]:
-    """Runs the steps from state.step to total_steps; returns the last eval metrics."""
+    watch: checkpointing.PreemptionWatch | None = None,
+) -> tuple[dict[str, float], int]:
+    """Runs the steps from state.step to total_steps, or until `watch` reports a preemption
+    (then that step is saved and waited for); returns the last eval metrics and the step."""
     train = exp.config.train
     total_steps, log_every, eval_every = (
         exp.total_steps,
@@ -443,10 +562,12 @@ def _train_loop(
     batch = put(next(train_iter))
     train_step, eval_step = _compile_steps(exp, state, batch, (eval_batches or [None])[0])
 
-    writer = metrics.MetricWriter(
-        workdir, resume_step=start_step if resumed else None, enabled=jax.process_index() == 0
+    # Records after start_step are of steps this run redoes (a run killed before its next
+    # checkpoint, or before its first one): dropped, so the files describe this run.
+    writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    progress = metrics.Progress(
+        total_steps, int(train.batch_size), start_step, exp.task.tokens_per_example
     )
-    progress = metrics.Progress(total_steps, int(train.batch_size), start_step)
     interval = metrics.MeanAccumulator()
     last_eval: dict[str, float] = {}
 
@@ -484,7 +605,9 @@ def _train_loop(
                 consume(*pending)  # the previous step: its values are ready or nearly so
             pending = (done, step_metrics)
             want_eval = eval_every > 0 and (done % eval_every == 0 or done == total_steps)
-            want_save = ckpt.should_save(done) or done == total_steps
+            # Every process asks at every step (multi-host: they agree on the step to stop at).
+            preempted = watch is not None and watch.reached(done) and done < total_steps
+            want_save = ckpt.should_save(done) or done == total_steps or preempted
             if want_eval or want_save:
                 consume(*pending)  # check this step before it is evaluated or saved
                 pending = None
@@ -498,12 +621,16 @@ def _train_loop(
                         "finished": done == total_steps,
                     }
                     ckpt.save(done, state, train_iter, meta, force=True)
+            if preempted:
+                ckpt.wait_until_finished()
+                log(f"preempted at step {done}: saved checkpoint, exiting")
+                return last_eval, done
         if pending is not None:
             consume(*pending)
     finally:
         writer.close()
     ckpt.wait_until_finished()
-    return last_eval
+    return last_eval, total_steps
 
 
 def _format(values: Mapping[str, float]) -> str:

@@ -386,7 +386,7 @@ def maze_dataset(
     `maze_tfds.prepare` must have written there), else mazes generated on the fly from stream
     `split_seed(seed, split)` (infinite unless `num_examples`). The pipeline: first
     `num_examples`, shuffle (a new permutation each epoch), repeat (epochs without end),
-    shard, augment (default: on for 'train'), scale (`expand`: [-1, 1] instead of [0, 1]),
+    augment (default: on for 'train'), shard, scale (`expand`: [-1, 1] instead of [0, 1]),
     batch. Shuffling and augmentation are seeded by `seed` per index, so batch j is the same
     whatever the run history.
     """
@@ -416,9 +416,11 @@ def maze_dataset(
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat()
+    if augment if augment is not None else split == "train":
+        # Before sharding: the augmentation is seeded by the global index, so an example looks
+        # the same whichever process reads it (and however many there are).
+        ds = ds.random_map(MazeAugment(), seed=seed)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
-    if augment if augment is not None else split == "train":
-        ds = ds.random_map(MazeAugment(), seed=seed)
     ds = ds.map(functools.partial(to_model_batch_element, expand=expand))
     return ds.batch(batch_size, drop_remainder=drop_remainder)
