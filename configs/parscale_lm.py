@@ -15,6 +15,9 @@ P is `--config.model.parscale_n` (1 = plain Qwen2). Presets:
          layers, 16 heads, 2 KV heads, 48 prefix tokens, eps 0.1, tied embeddings, rope 1e4,
          vocab 151,936; 42B tokens = 20,027 steps of 1024 x 2048 tokens.
   1.8b   the production model, stage 1: the s3 architecture, P = 1, 1T tokens (476,837 steps).
+  qwen2.5-0.5b-peft, qwen2.5-3b-peft  recycling: the Qwen2.5 base model's architecture, P = 2,
+         frozen backbone (needs --config.init_from_hf=<HF checkpoint dir>; its config.json must
+         agree with `model`, checked field by field); 10,000 steps of 1024 x 2048 tokens.
   1.8b-stage2  stage 2: 20B tokens (9,537 steps), P = 8 by default, with
          --config.init_from=<stage-1 workdir>: the backbone comes from stage 1, new prefixes and
          aggregator are initialised randomly, the optimiser and schedule start fresh.
@@ -52,6 +55,12 @@ SCALING_SIZES = {
     "s5": (2560, 13824),  # 4.7B (4.4B)
 }
 QWEN_VOCAB = 151_936
+# Recycling presets: the public Qwen2.5 base models' architectures (hidden, intermediate, layers,
+# heads, KV heads); every field is checked against the checkpoint's config.json when it loads.
+QWEN25 = {
+    "qwen2.5-0.5b-peft": (896, 4864, 24, 14, 2),
+    "qwen2.5-3b-peft": (2048, 11008, 36, 16, 2),  # the paper's recycled backbone (§4.2)
+}
 PAPER_TOKENS_PER_STEP = 1024 * 2048
 
 
@@ -136,8 +145,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.parscale_n = 8
         config.train.total_steps = round(20e9 / PAPER_TOKENS_PER_STEP)  # 9,537
         config.optim.warmup_steps = 500
+    elif arg in QWEN25:
+        _recycle(config, QWEN25[arg])
     else:
-        names = ", ".join(["tiny", "test", *SCALING_SIZES, "1.8b", "1.8b-stage2"])
+        names = ", ".join(["tiny", "test", *SCALING_SIZES, "1.8b", "1.8b-stage2", *QWEN25])
         raise ValueError(f"unknown preset {arg!r} for configs/parscale_lm.py; use one of {names}")
     return config
 
@@ -159,6 +170,24 @@ def _paper(config: ml_collections.ConfigDict, hidden: int, intermediate: int) ->
     config.train.update(
         batch_size=1024, log_every=100, eval_every=2000, eval_batches=16, checkpoint_every=2000
     )
+
+
+def _recycle(config: ml_collections.ConfigDict, arch: tuple[int, int, int, int, int]) -> None:
+    """PEFT recycling (parscale.md §7b): a frozen Qwen2.5 backbone from --config.init_from_hf,
+    P = 2 new prefix sets + aggregator trained on 2048-token sequences."""
+    hidden, intermediate, layers, heads, kv_heads = arch
+    _paper(config, hidden, intermediate)
+    config.model.update(
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        rope_theta=1_000_000.0,
+        max_position_embeddings=32768,
+        parscale_n=2,
+    )
+    config.freeze_backbone = True
+    config.optim.update(warmup_steps=200)
+    config.train.total_steps = 10_000
 
 
 def _test(config: ml_collections.ConfigDict) -> None:

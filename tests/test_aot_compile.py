@@ -214,14 +214,10 @@ def _check_tpu_v5e(result: subprocess.CompletedProcess) -> None:
     assert hbm and float(hbm.group(1)) < 5
 
 
-@pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu is not installed here")
-def test_tpu_v5e_compile_in_this_interpreter():
-    _check_tpu_v5e(_run(sys.executable, MAZE_TEST, "--topology=v5e:2x2"))
-
-
 @pytest.mark.skipif(
-    not TPU_VENV_PY.exists() or aot.libtpu_available(),
-    reason="no .venv-tpu (make tpu-venv), or already covered in this interpreter",
+    not (aot.libtpu_available() or TPU_VENV_PY.exists()),
+    reason="needs libtpu: build .venv-tpu with `make tpu-venv` (.ci/run does)",
 )
-def test_tpu_v5e_compile_in_the_tpu_venv():
-    _check_tpu_v5e(_run(TPU_VENV_PY, MAZE_TEST, "--topology=v5e:2x2"))
+def test_tpu_v5e_compile_with_libtpu():
+    python = sys.executable if aot.libtpu_available() else TPU_VENV_PY
+    _check_tpu_v5e(_run(python, MAZE_TEST, "--topology=v5e:2x2"))

@@ -270,6 +270,23 @@ def test_stage2_preset_adds_the_papers_parscale_parameters() -> None:
     assert non_embedding(p2) - non_embedding(parscale_lm.get_config("1.8b")) == 6_050_306
 
 
+@pytest.mark.parametrize(
+    "preset, total, non_embedding_params",
+    # The Qwen2.5 model cards: 0.49B / 0.36B and 3.09B / 2.77B parameters (all / non-embedding).
+    [("qwen2.5-0.5b-peft", 0.49, 0.36), ("qwen2.5-3b-peft", 3.09, 2.77)],
+)
+def test_recycling_presets_have_the_qwen25_sizes(
+    preset: str, total: float, non_embedding_params: float
+) -> None:
+    config = parscale_lm.get_config(preset)
+    assert config.freeze_backbone and config.model.parscale_n == 2
+    config.model.parscale_n = 1  # the backbone alone, as published
+    flat = flatten_dict(abstract_params(model_config(config.model)))
+    count = sum(math.prod(v.shape) for v in flat.values())
+    assert round(count / 1e9, 2) == total
+    assert round(non_embedding(config) / 1e9, 2) == non_embedding_params
+
+
 def test_paper_presets_need_a_tokenizer() -> None:
     with pytest.raises(ConfigError, match=r"^task\.tokenizer=None is invalid"):
         ParScaleLMTask(parscale_lm.get_config("s0"))

@@ -436,8 +436,13 @@ def read_variables(
             f"init_from={str(workdir)!r} is invalid: {directory} does not exist (expected the "
             "workdir of a training run with a checkpoint)"
         )
-    # Orbax renames a checkpoint to its bare step number only once it is complete.
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    # Finalised checkpoints only: locally Orbax renames a step directory when it is complete,
+    # on gs:// it writes commit_success.txt last; is_checkpoint_finalized knows both.
+    steps = [
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and p.is_dir() and ocp.step.is_checkpoint_finalized(p)
+    ]
     if not steps:
         raise ConfigError(f"init_from={str(workdir)!r} is invalid: no checkpoint in {directory}")
     step = max(steps)
