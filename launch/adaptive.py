@@ -18,13 +18,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 
 from ctm_jax.adaptive import adaptive_forward
 from ctm_jax.model import CTM
 from ctm_jax.tasks.maze import MazeTask
 from ctm_jax.tasks.maze_metrics import maze_metrics
 from ctm_jax.tasks.parity import ParityTask, most_certain_tick, parity_accuracy
+from launch import cli
 from launch.common import format_table, restore_variables
 from train_lib.errors import ConfigError
 from train_lib.task import Batch, Task
@@ -116,10 +117,7 @@ def evaluate(
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     try:
         thresholds = [float(t) for t in _THRESHOLDS.value]
         workdir = Path(_WORKDIR.value)

@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from ctm_jax.tasks.maze_data import PRESETS
+from launch import cli
 from launch.common import visualise
 from train_lib.errors import CheckpointMismatchError, ConfigError, NonFiniteError
 from train_lib.metrics import read_metrics
@@ -59,10 +60,7 @@ def summary(config: Any, record: Mapping[str, Any], drawn: Mapping[str, Any]) ->
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     start = time.monotonic()
     try:

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from ctm_jax.model import CTM
 from ctm_jax.tasks import maze_data
 from ctm_jax.tasks.maze import MazeTask
 from ctm_jax.tasks.maze_generalise import ctm_predictor, held_out_mazes, reapply_solve, with_ticks
+from launch import cli
 from launch.common import format_table, restore_variables
 from train_lib.errors import ConfigError
 
@@ -132,10 +133,7 @@ def evaluate(
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     try:
         workdir = Path(_WORKDIR.value)
         config, task, variables, step = restore_variables(workdir)

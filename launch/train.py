@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from launch import cli
 from train_lib.errors import ConfigError, NonFiniteError
 from train_lib.trainer import log, train_and_evaluate
 
@@ -45,11 +46,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax logs every save step by step at INFO; progress lines come from the trainer.
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     if _MULTIHOST.value:
         # Before any other JAX call: afterwards the backend is fixed to the local devices.
         jax.distributed.initialize(

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from launch import cli
 from launch.common import visualise
 from train_lib.errors import CheckpointMismatchError, ConfigError
 
@@ -25,10 +26,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     try:
         result = visualise(_WORKDIR.value, _INDEX.value, _OUT.value, _FPS.value)
     except (ConfigError, CheckpointMismatchError) as e:
