@@ -12,23 +12,9 @@ from ctm_jax.adaptive import adaptive_forward
 from ctm_jax.config import CTMConfig
 from ctm_jax.model import CTM
 from ctm_jax.tasks.parity import model_config as parity_model_config
+from tests.train_helpers import SMALL_CTM
 
-TOKENS = CTMConfig(
-    iterations=4,
-    d_model=32,
-    d_input=8,
-    heads=2,
-    n_synch_out=6,
-    n_synch_action=5,
-    synapse_depth=1,
-    memory_length=3,
-    deep_nlms=True,
-    memory_hidden_dims=2,
-    do_layernorm_nlm=False,
-    backbone_type="none",
-    positional_embedding_type="none",
-    out_dims=5,
-)
+TOKENS = SMALL_CTM
 PARITY = parity_model_config(
     {
         "iterations": 5,

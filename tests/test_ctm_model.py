@@ -13,23 +13,9 @@ from ctm_jax import convert, losses
 from ctm_jax.config import ConfigError, CTMConfig, unet_widths
 from ctm_jax.model import CTM, project_params
 from ctm_jax.modules import POSITIONAL_EMBEDDINGS
+from tests.train_helpers import SMALL_CTM
 
-BASE = CTMConfig(
-    iterations=4,
-    d_model=32,
-    d_input=8,
-    heads=2,
-    n_synch_out=6,
-    n_synch_action=5,
-    synapse_depth=1,
-    memory_length=3,
-    deep_nlms=True,
-    memory_hidden_dims=2,
-    do_layernorm_nlm=False,
-    backbone_type="none",
-    positional_embedding_type="none",
-    out_dims=5,
-)
+BASE = SMALL_CTM
 
 
 def numpy_layer_norm(x, weight, bias, eps=1e-5):

@@ -18,9 +18,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX.proto import event_pb2
 
+from ctm_jax.config import CTMConfig
 from ctm_jax.model import CTMOutput
 from ctm_jax.tasks.parity import ParityTask
 from train_lib.task import Batch, Metrics
+
+# A small token-input CTM (no backbone) for the model-level tests.
+SMALL_CTM = CTMConfig(
+    iterations=4,
+    d_model=32,
+    d_input=8,
+    heads=2,
+    n_synch_out=6,
+    n_synch_action=5,
+    synapse_depth=1,
+    memory_length=3,
+    deep_nlms=True,
+    memory_hidden_dims=2,
+    do_layernorm_nlm=False,
+    backbone_type="none",
+    positional_embedding_type="none",
+    out_dims=5,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_CONFIG = "configs/ctm_parity.py"
