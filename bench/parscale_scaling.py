@@ -35,7 +35,7 @@ from flax.traverse_util import flatten_dict
 from configs import parscale_lm
 from parscale_jax import scaling_law
 from parscale_jax.convert import abstract_params
-from parscale_jax.task import model_config
+from tasks.parscale_lm.task import model_config
 from train_lib import trainer
 
 # (hidden_size, intermediate_size): head_dim 16 / 24 / 32 with 4 heads.

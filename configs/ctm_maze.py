@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.task = ml_collections.ConfigDict(
         dict(
-            name="ctm_maze",
+            name="tasks.ctm_maze.task:MazeTask",
             size="large",  # tiny 11x11 / small 15x15 / medium 19x19 / large 39x39 / xl 99x99
             seed=0,  # maze streams: train uses 2*seed, eval 2*seed+1
             lookahead=5,  # auto-curriculum look-ahead (cirriculum_lookahead)

@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.task = ml_collections.ConfigDict(
         dict(
-            name="ctm_parity",
+            name="tasks.ctm_parity.task:ParityTask",
             seq_len=64,
             train_seed=0,
             eval_seed=1,  # a different stream: evaluation is held out

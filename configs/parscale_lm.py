@@ -86,10 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dtype="float32",
         )
     )
-    # parscale_jax.data.lm_dataset arguments.
+    # tasks.parscale_lm.data.lm_dataset arguments.
     config.task = ml_collections.ConfigDict(
         dict(
-            name="parscale_lm",
+            name="tasks.parscale_lm.task:ParScaleLMTask",
             seq_len=128,
             tokenizer="bytes",  # or the path of a tokenizer.json
             eos_token=config_dict.placeholder(str),  # HF tokenizers: else tokenizer_config.json

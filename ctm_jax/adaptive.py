@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from core.errors import ConfigError
 from ctm_jax.model import CTM, CTMTick
 
 Array = jax.Array
@@ -53,7 +54,7 @@ def adaptive_forward(
     """
     limit = model.config.iterations if max_ticks is None else int(max_ticks)
     if limit < 1:
-        raise ValueError(f"max_ticks={max_ticks!r} is invalid: must be >= 1")
+        raise ConfigError(f"max_ticks={max_ticks!r} is invalid: must be >= 1")
     carry, ctx = model.apply(variables, x, train=False, initial_state_only=True)
     tick = CTMTick(model.config, deterministic=True, track=False)
     tick_variables = {"params": variables["params"]["ticks"]}

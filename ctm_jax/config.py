@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import ConfigError
+
 RESNET_BACKBONES = tuple(
     f"resnet{depth}-{k}" for depth in (18, 34, 50, 101, 152) for k in range(1, 5)
 )
@@ -33,10 +35,6 @@ REFERENCE_CLASSES = {
     "ContinuousThoughtMachine": "ctm",
     "ContinuousThoughtMachineSORT": "sort",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message is one line naming the field."""
 
 
 def _fail(prefix: str, field: str, value: Any, allowed: str) -> None:

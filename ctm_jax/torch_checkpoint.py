@@ -14,7 +14,7 @@ Two readers give the same result:
   viewed with each tensor's offset, size and stride; bfloat16 becomes float32.
 
 Tensors come back as numpy arrays (copies), `argparse.Namespace` as a dict, OrderedDicts as dicts.
-Every failure is a `TorchCheckpointError` whose one-line message names the file and the reason.
+Every failure is a `DataError` whose one-line message names the file and the reason.
 """
 
 from __future__ import annotations
@@ -32,10 +32,7 @@ from typing import Any
 
 import numpy as np
 
-
-class TorchCheckpointError(ValueError):
-    """A `.pt` file that cannot (or must not) be read; the message names the file and why."""
-
+from core.errors import ConfigError, DataError
 
 # torch storage class name -> numpy dtype of its elements ('bfloat16' is read as uint16 bits).
 _STORAGE_DTYPES: dict[str, str] = {
@@ -231,7 +228,7 @@ def _plain(value: Any) -> Any:
 
 
 def _load_zip(path: Path) -> Any:
-    fail = lambda reason: TorchCheckpointError(f"{path}: {reason}")
+    fail = lambda reason: DataError(f"{path}: {reason}")
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] != b"PK":
@@ -291,7 +288,7 @@ def _numpy_safe_globals(np_module: Any) -> list[Any]:
 
 
 def _load_with_torch(path: Path, torch: Any) -> Any:
-    fail = lambda reason: TorchCheckpointError(f"{path}: {reason}")
+    fail = lambda reason: DataError(f"{path}: {reason}")
     allowed = [argparse.Namespace, *_numpy_safe_globals(np)]
     try:
         with torch.serialization.safe_globals(allowed):
@@ -334,25 +331,21 @@ def load_torch_checkpoint(path: str | Path, backend: str = "auto") -> dict[str, 
     """A `.pt` file's top-level dict, with numpy arrays for tensors and dicts for Namespaces.
 
     `backend`: 'torch' (torch.load with weights_only=True), 'numpy' (the torch-free restricted
-    reader) or 'auto' (torch when it can be imported). Raises TorchCheckpointError.
+    reader) or 'auto' (torch when it can be imported). Raises DataError.
     """
     path = Path(path)
     if backend not in ("auto", "torch", "numpy"):
-        raise ValueError(f"backend={backend!r} is invalid: allowed: auto, torch, numpy")
+        raise ConfigError(f"backend={backend!r} is invalid: allowed: auto, torch, numpy")
     if not path.is_file():
-        raise TorchCheckpointError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file")
     torch = None
     if backend in ("auto", "torch"):
         try:
             import torch  # noqa: PLC0415 (the optional extra)
         except ImportError:
             if backend == "torch":
-                raise TorchCheckpointError(
-                    f"{path}: backend 'torch' needs torch installed"
-                ) from None
+                raise DataError(f"{path}: backend 'torch' needs torch installed") from None
     loaded = _load_with_torch(path, torch) if torch is not None else _plain(_load_zip(path))
     if not isinstance(loaded, dict):
-        raise TorchCheckpointError(
-            f"{path}: the file holds a {type(loaded).__name__}, not a checkpoint dict"
-        )
+        raise DataError(f"{path}: the file holds a {type(loaded).__name__}, not a checkpoint dict")
     return loaded

@@ -2,7 +2,7 @@
 
 Pure plotting on numpy arrays (matplotlib with the Agg backend, PIL for the GIF); nothing here
 touches models or checkpoints (`launch/visualise.py` does). Maze images are (H, W, 3) in [0, 1]
-in the format of `ctm_jax.tasks.maze_data`: walls black, corridors white, start red, goal green;
+in the format of `tasks.ctm_maze.data`: walls black, corridors white, start red, goal green;
 actions 0 up, 1 down, 2 left, 3 right, 4 wait.
 """
 

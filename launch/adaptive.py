@@ -20,14 +20,15 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from core.errors import ConfigError
 from ctm_jax.adaptive import adaptive_forward
 from ctm_jax.model import CTM
-from ctm_jax.tasks.maze import MazeTask
-from ctm_jax.tasks.maze_metrics import maze_metrics
-from ctm_jax.tasks.parity import ParityTask, most_certain_tick, parity_accuracy
 from launch import cli
-from launch.common import format_table, restore_variables
-from train_lib.errors import ConfigError
+from launch.cli import format_table
+from launch.runs import load_run
+from tasks.ctm_maze.metrics import maze_metrics
+from tasks.ctm_maze.task import MazeTask
+from tasks.ctm_parity.task import ParityTask, most_certain_tick, parity_accuracy
 from train_lib.task import Batch, Task
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by launch.train.")
@@ -116,12 +117,27 @@ def evaluate(
     return rows
 
 
+def parse_thresholds(values: Sequence[str]) -> list[float]:
+    """Certainty thresholds from the flag; ConfigError naming a value that is not in (0, 1]."""
+    thresholds = []
+    for value in values:
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = -1.0
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"--thresholds={value!r} is invalid: thresholds must lie in (0, 1]")
+        thresholds.append(threshold)
+    return thresholds
+
+
 def main(argv: Sequence[str]) -> None:
     cli.start(argv)
-    try:
-        thresholds = [float(t) for t in _THRESHOLDS.value]
+    with cli.one_line_errors():
+        thresholds = parse_thresholds(_THRESHOLDS.value)
         workdir = Path(_WORKDIR.value)
-        config, task, variables, step = restore_variables(workdir)
+        exp, variables, step = load_run(workdir)
+        config, task = exp.config, exp.task
         model = task.build_model()
         if not isinstance(model, CTM):
             raise ConfigError(f"--workdir={str(workdir)!r} is invalid: its model is not a CTM")
@@ -130,8 +146,6 @@ def main(argv: Sequence[str]) -> None:
         dataset = task.dataset("eval", batch_size=batch_size)
         batches = [dict(dataset[i]) for i in range(_BATCHES.value)]
         rows = evaluate(model, variables, batches, answer_metrics(task), thresholds, max_ticks)
-    except (ConfigError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
     summary = {
         "workdir": str(workdir),
         "step": step,

@@ -33,8 +33,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from core.errors import ConfigError
 from train_lib import checkpointing, sharding, trainer
-from train_lib.errors import ConfigError
 
 # TPU generation -> (number of topology dimensions, HBM bytes per JAX device).
 TPU_GENERATIONS: dict[str, tuple[int, int]] = {

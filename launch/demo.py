@@ -20,10 +20,10 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from ctm_jax.tasks.maze_data import PRESETS
+from core.errors import ConfigError
 from launch import cli
-from launch.common import visualise
-from train_lib.errors import CheckpointMismatchError, ConfigError, NonFiniteError
+from launch.maze_pictures import visualise
+from tasks.ctm_maze.data import PRESETS
 from train_lib.metrics import read_metrics
 from train_lib.trainer import train_and_evaluate
 
@@ -63,12 +63,10 @@ def main(argv: Sequence[str]) -> None:
     cli.start(argv)
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     start = time.monotonic()
-    try:
+    with cli.one_line_errors():
         train_and_evaluate(config, workdir)
         drawn = visualise(workdir, _INDEX.value)
         record = final_eval(workdir)
-    except (ConfigError, CheckpointMismatchError, NonFiniteError) as e:
-        raise SystemExit(f"error: {e}") from None
     print(summary(config, record, drawn))
     print(f"checkpoints: {workdir / 'checkpoints'}, TensorBoard: {workdir / 'tensorboard'}")
     print(f"demo wall-clock time: {time.monotonic() - start:.0f} s")

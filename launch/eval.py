@@ -6,7 +6,7 @@ Restores the latest checkpoint of the maze run in `--workdir`, generates `--num_
 mazes (the eval stream of the run's task seed) per image side in `--sizes` and evaluates them
 with each tick count in `--ticks` (default: the trained count and twice it). Rows (size, ticks):
 solve_rate with re-application from the last reached cell (at most `--max_reapplications`
-applications, `ctm_jax.tasks.maze_generalise`), solve_rate_single (one application: the plain
+applications, `tasks.ctm_maze.generalise`), solve_rate_single (one application: the plain
 metric), step_accuracy against the route's first route_length actions, mean applications and
 mean route steps walked. The last line is one JSON object with all rows.
 """
@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from core.errors import ConfigError
 from ctm_jax.model import CTM
-from ctm_jax.tasks import maze_data
-from ctm_jax.tasks.maze import MazeTask
-from ctm_jax.tasks.maze_generalise import ctm_predictor, held_out_mazes, reapply_solve, with_ticks
 from launch import cli
-from launch.common import format_table, restore_variables
-from train_lib.errors import ConfigError
+from launch.cli import format_table
+from launch.runs import load_run
+from tasks.ctm_maze import data as maze_data
+from tasks.ctm_maze.generalise import ctm_predictor, held_out_mazes, reapply_solve, with_ticks
+from tasks.ctm_maze.task import MazeTask
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a maze training run.")
 _SIZES = flags.DEFINE_list(
@@ -134,14 +135,10 @@ def evaluate(
 
 def main(argv: Sequence[str]) -> None:
     cli.start(argv)
-    try:
+    with cli.one_line_errors():
         workdir = Path(_WORKDIR.value)
-        config, task, variables, step = restore_variables(workdir)
-        if not isinstance(task, MazeTask):
-            raise ConfigError(
-                f"--workdir={str(workdir)!r} is invalid: it is a {config.task.name!r} run, "
-                "not a maze run (launch.eval evaluates maze CTMs only)"
-            )
+        exp, variables, step = load_run(workdir, MazeTask, tool="launch.eval")
+        config, task = exp.config, exp.task
         model = task.build_model()
         trained_side, route_length = maze_data.PRESETS[task.size]
         trained_ticks = model.config.iterations
@@ -168,8 +165,6 @@ def main(argv: Sequence[str]) -> None:
             batch_size=batch_size,
             max_reapplications=_MAX_REAPPLICATIONS.value,
         )
-    except (ConfigError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
     summary = {
         "workdir": str(workdir),
         "step": step,

@@ -20,7 +20,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch import cli
-from train_lib.errors import ConfigError, NonFiniteError
 from train_lib.trainer import log, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,12 +59,10 @@ def main(argv: Sequence[str]) -> None:
         )
     elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
         raise app.UsageError("--coordinator_address/--num_processes/--process_id need --multihost")
-    try:
-        # Returns normally after a SIGTERM too (checkpoint saved): exit status 0.
+    # Expected failures (core.errors.Error): one line, no traceback, non-zero exit. Returns
+    # normally after a SIGTERM too (checkpoint saved): exit status 0.
+    with cli.one_line_errors():
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, NonFiniteError) as e:
-        # Expected failures: one line, no traceback, non-zero exit.
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

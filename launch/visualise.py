@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from launch import cli
-from launch.common import visualise
-from train_lib.errors import CheckpointMismatchError, ConfigError
+from launch.maze_pictures import visualise
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a maze training run.")
 _INDEX = flags.DEFINE_integer("index", 0, "Example of the eval split to draw.")
@@ -27,10 +26,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv: Sequence[str]) -> None:
     cli.start(argv)
-    try:
+    with cli.one_line_errors():
         result = visualise(_WORKDIR.value, _INDEX.value, _OUT.value, _FPS.value)
-    except (ConfigError, CheckpointMismatchError) as e:
-        raise SystemExit(f"error: {e}") from None
     for name, path in result["paths"].items():
         print(f"{name}: {path}")
     print(

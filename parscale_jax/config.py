@@ -6,11 +6,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from core.errors import ConfigError
+
 MODEL_TYPES = ("qwen2", "qwen2_parscale")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message is one line naming the field."""
 
 
 @dataclasses.dataclass(frozen=True)

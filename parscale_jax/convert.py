@@ -1,10 +1,6 @@
 """HF Qwen2 / Qwen2-ParScale checkpoints (config.json + *.safetensors) <-> Flax params.
 
-    python -m parscale_jax.convert check-oracle FILE.npz [FILE.npz ...]
-
-compares the port with the reference oracles (shared/oracles/parscale/README.md): logits of the
-plain forward (atol 1e-4), logits of the left-padded batch where the mask is 1, and the 8 greedy
-tokens (exact); exits non-zero on any mismatch.
+The weight mapping only; `parscale_jax.oracle` checks the port against reference outputs.
 
 Key map (torch Linear weights are (out, in), Flax kernels (in, out)):
   model.embed_tokens.weight                      embed_tokens/embedding
@@ -21,10 +17,8 @@ Key map (torch Linear weights are (out, in), Flax kernels (in, out)):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,15 +30,12 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import load_file, save_file
 
+from core.errors import CheckpointMismatchError
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.model import ParScaleLM
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose tensor names or shapes do not fit its config."""
 
 
 def hf_key(path: tuple[str, ...]) -> str:
@@ -229,79 +220,3 @@ def save_checkpoint(
         _atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
     hf = dict(hf_config) if hf_config is not None else config.to_hf()
     _atomic_write_text(directory / "config.json", json.dumps(hf, indent=2, sort_keys=True))
-
-
-# ------------------------------------------------------------------------------------------------
-# Oracle checking
-
-LOGITS_ATOL = 1e-4
-
-
-def _report(name: str, ok: bool, detail: str) -> bool:
-    print(f"  {'ok  ' if ok else 'FAIL'} {name:28s} {detail}")
-    return ok
-
-
-def check_oracle(path: str) -> bool:
-    """Runs one oracle file; True when logits, padded logits and generated tokens all match."""
-    from parscale_jax.generate import generate  # (generate imports this module)
-
-    data = np.load(path)
-    hf = json.loads(str(data["config_json"]))
-    config = ParScaleConfig.from_hf(hf)
-    state_dict = {k: data[k] for k in data.files if k.startswith("model.") or k == "lm_head.weight"}
-    params = params_from_state_dict(config, state_dict)
-    model = ParScaleLM(config)
-    print(
-        f"{path}: model_type {hf['model_type']}, P={config.parscale_n}, "
-        f"layers {config.num_hidden_layers}, eps {config.parscale_attn_smooth}"
-    )
-    ok = True
-    with jax.default_matmul_precision("highest"):
-        out = model.apply({"params": params}, jnp.asarray(data["input_ids"]), return_internals=True)
-        err = np.abs(np.asarray(out.logits) - data["logits"]).max()
-        ok &= _report("logits", err <= LOGITS_ATOL, f"max|err| {err:.2e}")
-        if "agg_weights" in data.files:
-            err = np.abs(np.asarray(out.aggregate_weights) - data["agg_weights"]).max()
-            ok &= _report("aggregation weights", err <= LOGITS_ATOL, f"max|err| {err:.2e}")
-        if "final_norm_out" in data.files:
-            err = np.abs(np.asarray(out.stream_hidden) - data["final_norm_out"]).max()
-            ok &= _report("final norm (per stream)", err <= LOGITS_ATOL, f"max|err| {err:.2e}")
-
-        mask = data["pad_attention_mask"]
-        padded = model.apply(
-            {"params": params},
-            jnp.asarray(data["pad_input_ids"]),
-            attention_mask=jnp.asarray(mask),
-            position_ids=jnp.asarray(data["pad_position_ids"]),
-        )
-        err = np.abs(np.asarray(padded.logits) - data["pad_logits"])[mask.astype(bool)].max()
-        ok &= _report("padded logits (mask == 1)", err <= LOGITS_ATOL, f"max|err| {err:.2e}")
-
-        want = data["gen_tokens"]
-        tokens = generate(
-            config, params, jnp.asarray(data["gen_prompt_ids"]), max_new_tokens=want.shape[1]
-        )
-        same = np.array_equal(np.asarray(tokens), want)
-        ok &= _report("8 greedy tokens", same, f"{np.asarray(tokens).tolist()} vs {want.tolist()}")
-    print(f"  => {'PASS' if ok else 'FAIL'}")
-    return bool(ok)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m parscale_jax.convert",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check-oracle", help="compare against reference oracle .npz files")
-    check.add_argument("files", nargs="+")
-    args = parser.parse_args(argv)
-    results = [check_oracle(f) for f in args.files]
-    print(f"{sum(results)}/{len(results)} oracle files match")
-    return 0 if all(results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.errors import ConfigError
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.model import ParScaleLM, init_cache
 
@@ -125,9 +126,9 @@ def generate(
 ) -> Array:
     """(B, S) prompt ids (left-padded where attention_mask is 0) -> (B, max_new_tokens) new ids."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"sampling settings invalid: temperature={temperature} (>= 0), "
             f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])"
         )
@@ -161,7 +162,7 @@ def at_parscale_n(
     if n == config.parscale_n:
         return config, params
     if n != 1:
-        raise ValueError(
+        raise ConfigError(
             f"--parscale-n={n} is not possible with this checkpoint: its prefixes "
             f"and aggregator were trained for P={config.parscale_n}; use 1 (the "
             f"shared backbone alone) or {config.parscale_n}"

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+from core.errors import ConfigError
+
 Array = jax.Array
 PyTree = Any
 
@@ -60,7 +62,7 @@ def fold_streams(xs: Array) -> Array:
 def unfold_streams(x: Array, n_streams: int) -> Array:
     """(P*B, ...) stream-major -> (P, B, ...); the inverse of `fold_streams`."""
     if x.shape[0] % n_streams:
-        raise ValueError(
+        raise ConfigError(
             f"leading axis {x.shape[0]} is not a multiple of n_streams={n_streams}: "
             "a stream-major folded batch has P*B rows"
         )
@@ -93,7 +95,7 @@ def weighted_sum(values: PyTree, weights: Array) -> PyTree:
 
     def combine(v: Array) -> Array:
         if v.shape[: w.ndim] != w.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot weight a value of shape {v.shape} by stream weights of shape "
                 f"{weights.shape}: values need leading axes (P, *batch) = {w.shape}"
             )
@@ -138,11 +140,11 @@ class Aggregator(nn.Module):
         """Smoothed float32 stream weights: features (P, *batch, H) -> (*batch, P)."""
         p = self.n_streams
         if features.shape[0] != p:
-            raise ValueError(
+            raise ConfigError(
                 f"features have {features.shape[0]} streams on axis 0, expected n_streams={p}"
             )
         if not 0.0 <= self.smoothing <= 1.0:
-            raise ValueError(f"smoothing={self.smoothing!r} is invalid: must lie in [0, 1]")
+            raise ConfigError(f"smoothing={self.smoothing!r} is invalid: must lie in [0, 1]")
         if p == 1:
             return jnp.ones((*features.shape[1:-1], 1), jnp.float32)
         hidden = features.shape[-1] if self.hidden_dim is None else self.hidden_dim
@@ -289,11 +291,11 @@ class ParallelStreams(nn.Module):
 
     def _check(self) -> None:
         if not isinstance(self.n_streams, int) or self.n_streams < 1:
-            raise ValueError(f"n_streams={self.n_streams!r} is invalid: must be an integer >= 1")
+            raise ConfigError(f"n_streams={self.n_streams!r} is invalid: must be an integer >= 1")
         if self.mode not in STREAM_MODES:
-            raise ValueError(f"mode={self.mode!r} is invalid: allowed: {', '.join(STREAM_MODES)}")
+            raise ConfigError(f"mode={self.mode!r} is invalid: allowed: {', '.join(STREAM_MODES)}")
         if self.split_rngs.get("params", False):
-            raise ValueError("split_rngs['params'] must be False: the backbone weights are shared")
+            raise ConfigError("split_rngs['params'] must be False: the backbone weights are shared")
 
     def stream_inputs(self, x: Array) -> Array:
         """x (B, ...) -> (P, B, ...'): g_p(x) for every stream, each g_p with its own params."""

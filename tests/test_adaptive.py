@@ -11,7 +11,7 @@ import pytest
 from ctm_jax.adaptive import adaptive_forward
 from ctm_jax.config import CTMConfig
 from ctm_jax.model import CTM
-from ctm_jax.tasks.parity import model_config as parity_model_config
+from tasks.ctm_parity.task import model_config as parity_model_config
 from tests.train_helpers import SMALL_CTM
 
 TOKENS = SMALL_CTM

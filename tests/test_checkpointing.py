@@ -10,9 +10,9 @@ import optax
 import pytest
 
 from configs.ctm_parity import get_config
-from ctm_jax.tasks.parity import parity_dataset
+from core.errors import CheckpointMismatchError
+from tasks.ctm_parity.task import parity_dataset
 from train_lib import checkpointing, optim, trainer
-from train_lib.errors import CheckpointMismatchError
 from train_lib.task import make_task
 
 

@@ -3,7 +3,7 @@
 The reference ResNet forward is re-implemented here in float64 NumPy, channels-first with torch
 layouts, straight from the description in shared/reference/ctm.md (not from the port), and run on
 state dicts exported by the port; its keys/values are written to an oracle-format file that
-`check-oracle` must reproduce.
+`launch.check_oracle` must reproduce.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from core.errors import CheckpointMismatchError
 from ctm_jax import convert
 from ctm_jax.backbones import BatchNorm, ResNetBackbone, backbone_channels
 from ctm_jax.config import ConfigError, CTMConfig
 from ctm_jax.model import CTM
+from launch import check_oracle
 
 # ------------------------------------------------------------------------------------------------
 # Independent float64 NumPy reference (NCHW activations, OIHW kernels, torch state-dict keys)
@@ -192,7 +194,7 @@ def test_check_oracle_matches_numpy_reference_backbones(
         **{f"sd/{k}": v for k, v in sd.items()},
         **{"out/kv": kv.astype(np.float32)},
     )
-    assert convert.main(["check-oracle", str(path)]) == 0
+    check_oracle.main(["check_oracle", str(path)])  # returns; raises SystemExit(1) on a mismatch
     printed = capsys.readouterr().out
     assert "ok   out/kv" in printed and "1/1 oracle files match" in printed
 
@@ -201,7 +203,9 @@ def test_check_oracle_matches_numpy_reference_backbones(
     first_bn = next(k for k in bad if k.endswith("running_mean"))
     bad[first_bn] = bad[first_bn] + 0.5
     np.savez(tmp_path / "bad.npz", **bad)
-    assert convert.main(["check-oracle", str(tmp_path / "bad.npz")]) == 1
+    with pytest.raises(SystemExit) as failed:
+        check_oracle.main(["check_oracle", str(tmp_path / "bad.npz")])
+    assert failed.value.code == 1
     assert "FAIL out/kv" in capsys.readouterr().out
 
 
@@ -241,7 +245,7 @@ def test_mismatched_state_dict_names_the_bad_keys():
     sd.pop("backbone.layer1.0.bn2.running_var")
     sd["backbone.layer1.0.downsample.0.weight"] = np.zeros((64, 64, 1, 1), np.float32)
     sd["backbone.conv1.weight"] = np.zeros((64, 3, 7, 7), np.float32)
-    with pytest.raises(convert.StateDictMismatchError) as info:
+    with pytest.raises(CheckpointMismatchError) as info:
         convert.import_state_dict(config, sd)
     message = str(info.value)
     assert "missing key 'backbone.layer1.0.bn2.running_var'" in message

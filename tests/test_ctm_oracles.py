@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from core.errors import CheckpointMismatchError
 from ctm_jax import convert
 from ctm_jax.config import CTMConfig
 from ctm_jax.model import CTM
@@ -38,7 +39,7 @@ def test_four_oracles_present():
 
 def test_check_oracle_command_passes_on_all_files():
     result = subprocess.run(
-        [sys.executable, "-m", "ctm_jax.convert", "check-oracle", *map(str, ORACLES)],
+        [sys.executable, "-m", "launch.check_oracle", *map(str, ORACLES)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -56,7 +57,7 @@ def test_check_oracle_fails_on_a_corrupted_file(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, **data)
     result = subprocess.run(
-        [sys.executable, "-m", "ctm_jax.convert", "check-oracle", str(bad)],
+        [sys.executable, "-m", "launch.check_oracle", str(bad)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -129,7 +130,7 @@ def test_mismatched_state_dict_names_every_bad_key():
     broken["synapses.extra.weight"] = np.zeros(3, np.float32)
     broken["output_projector.0.weight"] = np.zeros((11, 16), np.float32)
     x = convert.reference_input_to_jax(data["input"], config)
-    with pytest.raises(convert.StateDictMismatchError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         convert.import_state_dict(config, broken, x)
     message = str(err.value)
     assert "4 problems" in message

@@ -1,4 +1,4 @@
-"""`python -m ctm_jax.convert import-torch`: reference `.pt` checkpoints -> restorable workdirs.
+"""`python -m launch.import_ctm_checkpoint`: reference `.pt` checkpoints -> restorable workdirs.
 
 The `.pt` fixtures are written by stock PyTorch (tools/torch_reference/make_ctm_checkpoint.py);
 `make torch-reference` regenerates them into build/torch_reference/ctm_pt, which is preferred over
@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from core.errors import ConfigError, DataError
 from ctm_jax import convert
 from ctm_jax.config import CTMConfig
 from ctm_jax.model import CTM
-from ctm_jax.torch_checkpoint import TorchCheckpointError, load_torch_checkpoint
+from ctm_jax.torch_checkpoint import load_torch_checkpoint
+from launch import import_ctm_checkpoint
 from train_lib import trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +43,15 @@ def pt_dir() -> Path:
 
 def pt(name: str) -> Path:
     return pt_dir() / name
+
+
+def run_import_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch.import_ctm_checkpoint", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def npz_state_dict(path: Path) -> dict[str, np.ndarray]:
@@ -156,9 +168,9 @@ def test_torch_load_weights_only_agrees_with_the_torch_free_reader(tmp_path):
 
 def test_import_parity_restores_with_oracle_params_and_predictions(tmp_path):
     out = tmp_path / "run"
-    assert (
-        convert.main(["import-torch", "--checkpoint", str(pt("parity.pt")), "--out", str(out)]) == 0
-    )
+    result = run_import_cli("--checkpoint", str(pt("parity.pt")), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"-> {out} at step 1500" in result.stdout
     exp, state, step, exported = restored_state_dict(out)
     oracle = np.load(FIXTURES / "oracle_parity.npz")
     assert_same_state_dict(exported, npz_state_dict(FIXTURES / "oracle_parity.npz"))
@@ -167,7 +179,10 @@ def test_import_parity_restores_with_oracle_params_and_predictions(tmp_path):
     fresh = jax.device_get(exp.tx.init(state.params))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), fresh)
     config = json.loads((out / trainer.CONFIG_FILE).read_text())
-    assert config["task"]["name"] == "ctm_parity" and config["task"]["seq_len"] == 16
+    assert (
+        config["task"]["name"] == "tasks.ctm_parity.task:ParityTask"
+        and config["task"]["seq_len"] == 16
+    )
     assert config["model"]["neuron_select_type"] == "random" and config["model"]["d_model"] == 48
     assert config["optim"]["clip"] == "quantile" and config["optim"]["clip_quantile"] == 0.9
     assert config["train"]["total_steps"] == 50001 and config["optim"]["warmup_steps"] == 500
@@ -180,12 +195,14 @@ def test_import_parity_restores_with_oracle_params_and_predictions(tmp_path):
 
 def test_import_maze_analysis_layout_with_legacy_args(tmp_path):
     out = tmp_path / "maze"
-    convert.import_torch_checkpoint(pt("maze.pt"), out, backend="numpy")
+    import_ctm_checkpoint.import_torch_checkpoint(pt("maze.pt"), out, backend="numpy")
     exp, state, step, exported = restored_state_dict(out)
     assert_same_state_dict(exported, npz_state_dict(SOURCE_DIR / "maze_source.npz"))
     assert step == 0  # no 'iteration' in the file
     config = exp.config
-    assert config.task.name == "ctm_maze" and config.task.size == "small"  # mazes-small, route 50
+    assert (
+        config.task.name == "tasks.ctm_maze.task:MazeTask" and config.task.size == "small"
+    )  # mazes-small, route 50
     assert config.task.expand_range is True
     assert config.model.neuron_select_type == "first-last"  # patched: the args predate the field
     assert config.model.d_model == 32 and config.model.synapse_depth == 2
@@ -259,7 +276,7 @@ def _resnet_maze_checkpoint() -> dict[str, Any]:
 def test_import_resnet_maze_keeps_batchnorm_statistics(tmp_path):
     checkpoint = _resnet_maze_checkpoint()
     want = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
-    convert.import_checkpoint_dict(checkpoint, tmp_path / "r", "resnet.pt")
+    import_ctm_checkpoint.import_checkpoint_dict(checkpoint, tmp_path / "r", "resnet.pt")
     exp, state, _, exported = restored_state_dict(tmp_path / "r")
     assert exp.config.model.backbone_type == "resnet18-1" and exp.config.task.size == "small"
     assert "batch_stats" in state.buffers
@@ -303,13 +320,13 @@ def test_unsafe_pickle_is_refused_without_running_it(tmp_path, payload, name):
     path = tmp_path / "evil.pt"
     _unsafe_pt(path, payload(marker))
     global_name = "posix.system" if name == "os.system" and os.name == "posix" else name
-    with pytest.raises(
-        TorchCheckpointError, match=rf"needs unsafe unpickling: global {global_name}"
-    ):
+    with pytest.raises(DataError, match=rf"needs unsafe unpickling: global {global_name}"):
         load_torch_checkpoint(path, backend="numpy")
-    assert (
-        convert.main(["import-torch", "--checkpoint", str(path), "--out", str(tmp_path / "o")]) == 1
-    )
+    result = run_import_cli("--checkpoint", str(path), "--out", str(tmp_path / "o"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "needs unsafe unpickling" in lines[-1]
+    assert "Traceback" not in result.stderr
     assert not marker.exists()
     assert not (tmp_path / "o").exists()
 
@@ -318,7 +335,7 @@ def test_truncated_and_corrupt_files_are_refused(tmp_path):
     data = pt("parity.pt").read_bytes()
     half = tmp_path / "half.pt"
     half.write_bytes(data[: len(data) // 2])
-    with pytest.raises(TorchCheckpointError, match=r"half\.pt: truncated or corrupt"):
+    with pytest.raises(DataError, match=r"half\.pt: truncated or corrupt"):
         load_torch_checkpoint(half, backend="numpy")
 
     # A storage record missing from an otherwise valid archive.
@@ -328,7 +345,7 @@ def test_truncated_and_corrupt_files_are_refused(tmp_path):
         for info in src.infolist():
             if info.filename != dropped:
                 dst.writestr(info, src.read(info.filename))
-    with pytest.raises(TorchCheckpointError, match=r"truncated or corrupt.*is missing"):
+    with pytest.raises(DataError, match=r"truncated or corrupt.*is missing"):
         load_torch_checkpoint(missing, backend="numpy")
 
     # A storage record shorter than its tensors need.
@@ -337,23 +354,25 @@ def test_truncated_and_corrupt_files_are_refused(tmp_path):
         for info in src.infolist():
             body = src.read(info.filename)
             dst.writestr(info, body[:4] if info.filename == dropped else body)
-    with pytest.raises(TorchCheckpointError, match=r"has 4 bytes, needs"):
+    with pytest.raises(DataError, match=r"has 4 bytes, needs"):
         load_torch_checkpoint(short, backend="numpy")
 
     not_zip = tmp_path / "notes.pt"
     not_zip.write_text("hello")
-    with pytest.raises(TorchCheckpointError, match=r"not a torch checkpoint \(not a zip"):
+    with pytest.raises(DataError, match=r"not a torch checkpoint \(not a zip"):
         load_torch_checkpoint(not_zip, backend="numpy")
     other_zip = tmp_path / "other.pt"
     with zipfile.ZipFile(other_zip, "w") as zf:
         zf.writestr("readme.txt", "hi")
-    with pytest.raises(TorchCheckpointError, match=r"no <name>/data.pkl"):
+    with pytest.raises(DataError, match=r"no <name>/data.pkl"):
         load_torch_checkpoint(other_zip, backend="numpy")
 
 
 def test_a_torch_file_that_is_not_a_ctm_is_refused(tmp_path):
-    with pytest.raises(TorchCheckpointError, match=r"linear\.pt: not a CTM checkpoint") as e:
-        convert.import_torch_checkpoint(pt("linear.pt"), tmp_path / "o", backend="numpy")
+    with pytest.raises(DataError, match=r"linear\.pt: not a CTM checkpoint") as e:
+        import_ctm_checkpoint.import_torch_checkpoint(
+            pt("linear.pt"), tmp_path / "o", backend="numpy"
+        )
     assert "start_activated_state" in str(e.value) and "synapses.*" in str(e.value)
     assert not (tmp_path / "o").exists()
 
@@ -366,8 +385,8 @@ def test_args_that_contradict_the_state_dict_are_refused(tmp_path):
     ckpt = _maze_checkpoint()
     ckpt["args"]["d_model"] = 64
     ckpt["args"]["maze_route_length"] = 100  # an existing size (large), but 250 outputs = 50 x 5
-    with pytest.raises(TorchCheckpointError) as e:
-        convert.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
+    with pytest.raises(DataError) as e:
+        import_ctm_checkpoint.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
     msg = str(e.value)
     assert "args.d_model: expected 32" in msg and "received 64" in msg
     assert "args.maze_route_length: expected 50" in msg and "received 100" in msg
@@ -377,32 +396,32 @@ def test_args_that_contradict_the_state_dict_are_refused(tmp_path):
 def test_missing_args_and_other_tasks_are_refused(tmp_path):
     ckpt = _maze_checkpoint()
     del ckpt["args"]
-    with pytest.raises(TorchCheckpointError, match=r"no saved 'args'"):
-        convert.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
+    with pytest.raises(DataError, match=r"no saved 'args'"):
+        import_ctm_checkpoint.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
     ckpt = _maze_checkpoint()
     del ckpt["args"]["memory_length"]
-    with pytest.raises(TorchCheckpointError, match=r"args lack the model field\(s\) memory_length"):
-        convert.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
+    with pytest.raises(DataError, match=r"args lack the model field\(s\) memory_length"):
+        import_ctm_checkpoint.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
     ckpt = _maze_checkpoint()
     for key in ("maze_route_length", "cirriculum_lookahead"):
         del ckpt["args"][key]
     ckpt["args"]["dataset"] = "cifar10"
-    with pytest.raises(TorchCheckpointError, match=r"task 'cifar10' is not supported"):
-        convert.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
+    with pytest.raises(DataError, match=r"task 'cifar10' is not supported"):
+        import_ctm_checkpoint.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
 
 
 def test_an_existing_workdir_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     (out / trainer.CHECKPOINT_DIR).mkdir(parents=True)
-    with pytest.raises(TorchCheckpointError, match="already holds a workdir"):
-        convert.import_torch_checkpoint(pt("maze.pt"), out, backend="numpy")
+    with pytest.raises(ConfigError, match="already holds a workdir"):
+        import_ctm_checkpoint.import_torch_checkpoint(pt("maze.pt"), out, backend="numpy")
 
 
 def test_torch_backend_without_torch_says_so(tmp_path):
     try:
         import torch  # noqa: F401
     except ImportError:
-        with pytest.raises(TorchCheckpointError, match="needs torch installed"):
+        with pytest.raises(DataError, match="needs torch installed"):
             load_torch_checkpoint(pt("maze.pt"), backend="torch")
     else:
         assert "state_dict" in load_torch_checkpoint(pt("maze.pt"), backend="torch")

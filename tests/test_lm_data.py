@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parscale_jax import data
+from tasks.parscale_lm import data
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HF_DIR = FIXTURES / "hf_qwen2" / "tied_gqa"
@@ -261,7 +261,7 @@ def lm(files_dataset: dict, split: str, **kwargs) -> object:
 def test_tfds_builder_round_trip(files_dataset: dict) -> None:
     import tensorflow_datasets as tfds
 
-    from parscale_jax import lm_tfds
+    from tasks.parscale_lm import tfds_builder as lm_tfds
 
     opts = files_dataset["options"]
     spec = data.CorpusSpec(corpus="files", paths=opts["paths"], seq_len=16)

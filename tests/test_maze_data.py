@@ -10,7 +10,7 @@ import grain
 import numpy as np
 import pytest
 
-from ctm_jax.tasks import maze_data as md
+from tasks.ctm_maze import data as md
 
 SMALL_SIDE, SMALL_ROUTE = md.PRESETS["small"]
 
@@ -224,7 +224,7 @@ def test_maze_dataset_batches_and_determinism() -> None:
 def test_tfds_builder_prepare_data_source_and_grain(tmp_path) -> None:
     import tensorflow_datasets as tfds
 
-    from ctm_jax.tasks import maze_tfds
+    from tasks.ctm_maze import tfds_builder as maze_tfds
 
     had_tensorflow = "tensorflow" in sys.modules
     cfg = maze_tfds.MazeConfig(name="small_test", size="small", num_train=32, num_test=8, seed=4)
@@ -258,7 +258,7 @@ def test_tfds_builder_prepare_data_source_and_grain(tmp_path) -> None:
 
 
 def test_builder_has_a_config_per_preset() -> None:
-    from ctm_jax.tasks import maze_tfds
+    from tasks.ctm_maze import tfds_builder as maze_tfds
 
     names = {c.name for c in maze_tfds.GeneratedMazes.BUILDER_CONFIGS}
     assert names == set(md.PRESETS)

@@ -17,8 +17,8 @@ import pytest
 from configs.ctm_maze import get_config
 from configs.ctm_parity import get_config as parity_config
 from ctm_jax.model import CTM
-from ctm_jax.tasks import maze_data
-from ctm_jax.tasks.maze_generalise import (
+from tasks.ctm_maze import data as maze_data
+from tasks.ctm_maze.generalise import (
     ctm_predictor,
     held_out_mazes,
     most_certain_actions,
@@ -26,7 +26,7 @@ from ctm_jax.tasks.maze_generalise import (
     reapply_solve,
     with_ticks,
 )
-from ctm_jax.tasks.maze_metrics import maze_metrics
+from tasks.ctm_maze.metrics import maze_metrics
 from train_lib import trainer
 from train_lib.task import make_task
 

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from ctm_jax.tasks.maze_metrics import follow_route, maze_metrics
+from tasks.ctm_maze.metrics import follow_route, maze_metrics
 
 # 5x5 pixels: S at (1,1), corridor right to (1,3), down to (3,3) = G.
 LAYOUT = ["#####", "#S..#", "###.#", "###G#", "#####"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from configs.ctm_maze import get_config
+from core.errors import ConfigError
 from train_lib import metrics, trainer
-from train_lib.errors import ConfigError
 from train_lib.task import make_task
 
 

@@ -31,8 +31,8 @@ import pytest
 from train_helpers import REPO, checkpoint_steps, launcher_command, launcher_env
 
 from configs import ctm_maze, ctm_parity
+from core.errors import ConfigError
 from train_lib import checkpointing, metrics, trainer
-from train_lib.errors import ConfigError
 from train_lib.task import make_task
 
 PROCESSES = 4
@@ -42,7 +42,7 @@ STEPS = 3
 
 def _configs() -> list[tuple[str, ml_collections.ConfigDict]]:
     out = [("ctm_parity", ctm_parity.get_config("test")), ("ctm_maze", ctm_maze.get_config("test"))]
-    if importlib.util.find_spec("parscale_jax.task") is not None:
+    if importlib.util.find_spec("tasks.parscale_lm.task") is not None:
         from configs import parscale_lm
 
         out.append(("parscale_lm", parscale_lm.get_config("test")))

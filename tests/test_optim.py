@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from configs.ctm_parity import get_config
+from core.errors import ConfigError
 from train_lib import optim
-from train_lib.errors import ConfigError
 
 
 def _optim_config(**overrides):

@@ -13,7 +13,6 @@ import pytest
 from ctm_jax.config import CTMConfig
 from ctm_jax.losses import parity_loss
 from ctm_jax.model import CTM, certainty, project_params
-from ctm_jax.tasks.parity import parity_dataset
 from parscale_jax.parallel import (
     AdditiveStreamEmbedding,
     Aggregator,
@@ -24,6 +23,7 @@ from parscale_jax.parallel import (
     replicate_streams,
     unfold_streams,
 )
+from tasks.ctm_parity.task import parity_dataset
 
 
 class AttentionBlock(nn.Module):

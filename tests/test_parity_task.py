@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from configs.ctm_parity import get_config
+from core.errors import ConfigError
 from ctm_jax.model import CTMOutput
-from ctm_jax.tasks import parity
+from tasks.ctm_parity import task as parity
 from train_lib import trainer
-from train_lib.errors import ConfigError
 from train_lib.task import make_task
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from core.errors import CheckpointMismatchError
 from parscale_jax import convert
 from parscale_jax.config import ConfigError, ParScaleConfig
 from parscale_jax.generate import at_parscale_n, filter_logits, generate
@@ -48,7 +49,7 @@ def test_three_oracles_present():
 
 def test_check_oracle_command_passes_on_the_shared_files():
     result = subprocess.run(
-        [sys.executable, "-m", "parscale_jax.convert", "check-oracle", *map(str, ORACLES)],
+        [sys.executable, "-m", "launch.check_oracle", *map(str, ORACLES)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -69,7 +70,7 @@ def test_check_oracle_fails_when_the_aggregator_order_is_wrong(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, **data)
     result = subprocess.run(
-        [sys.executable, "-m", "parscale_jax.convert", "check-oracle", str(bad)],
+        [sys.executable, "-m", "launch.check_oracle", str(bad)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -217,7 +218,7 @@ def test_mismatched_checkpoint_names_every_bad_tensor():
     del sd["model.layers.1.mlp.up_proj.weight"]
     sd["model.layers.0.self_attn.prefix_v"] = np.zeros((2, 2, 5, 8), np.float32)
     sd["model.layers.0.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
-    with pytest.raises(convert.CheckpointMismatchError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         convert.params_from_state_dict(TINY, sd)
     message = str(err.value)
     assert "3 problems" in message
@@ -238,7 +239,7 @@ def test_bad_files_are_refused_clearly(tmp_path):
     params = random_params(TINY)
     convert.save_checkpoint(tmp_path, TINY, params, max_shard_bytes=20_000)
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
-    with pytest.raises(convert.CheckpointMismatchError, match="missing from"):
+    with pytest.raises(CheckpointMismatchError, match="missing from"):
         convert.load_checkpoint(tmp_path)
 
 

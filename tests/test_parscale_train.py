@@ -14,12 +14,12 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from configs import parscale_lm
+from core.errors import ConfigError
 from parscale_jax.convert import abstract_params, load_checkpoint
 from parscale_jax.model import LMOutput
-from parscale_jax.task import ParScaleLMTask, is_parscale_param, model_config
+from tasks.parscale_lm.task import ParScaleLMTask, is_parscale_param, model_config
 from tests.train_helpers import load_state_arrays
 from train_lib import metrics, optim, trainer
-from train_lib.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 HF_TINY = REPO / "tests" / "fixtures" / "hf_qwen2" / "tied_gqa"  # vocab 320, H 32, 3 layers

@@ -40,8 +40,8 @@ from train_helpers import (
 )
 
 from configs.ctm_parity import get_config
+from core.errors import NonFiniteError
 from train_lib import metrics, trainer
-from train_lib.errors import NonFiniteError
 
 TOTAL = 40
 LR = 0.004

@@ -21,7 +21,7 @@ from etils import epath
 from train_helpers import checkpoint_steps, load_state_arrays
 
 from configs.ctm_parity import get_config
-from ctm_jax.tasks.parity import ParityTask
+from tasks.ctm_parity.task import ParityTask
 from train_lib import checkpointing, metrics, trainer
 
 TOTAL = 12
@@ -49,7 +49,7 @@ class SigtermAtBatchTask(ParityTask):
         return ds.map_with_index(maybe_preempt)
 
 
-def _config(task_name: str = "ctm_parity"):
+def _config(task_name: str = "tasks.ctm_parity.task:ParityTask"):
     config = get_config("test")
     config.task.name = task_name
     config.train.update(

@@ -19,8 +19,8 @@ from train_helpers import (
 )
 
 from configs.ctm_parity import get_config
+from core.errors import ConfigError
 from train_lib import metrics, optim, sharding, trainer
-from train_lib.errors import ConfigError
 from train_lib.task import make_task
 
 

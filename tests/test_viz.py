@@ -13,7 +13,7 @@ from PIL import Image
 
 from configs.ctm_maze import get_config
 from ctm_jax import viz
-from ctm_jax.tasks.maze_metrics import follow_route
+from tasks.ctm_maze.metrics import follow_route
 from train_lib import trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from tensorboardX.proto import event_pb2
 
 from ctm_jax.config import CTMConfig
 from ctm_jax.model import CTMOutput
-from ctm_jax.tasks.parity import ParityTask
+from tasks.ctm_parity.task import ParityTask
 from train_lib.task import Batch, Metrics
 
 # A small token-input CTM (no backbone) for the model-level tests.

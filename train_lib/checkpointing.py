@@ -30,7 +30,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
-from train_lib.errors import CheckpointMismatchError, ConfigError
+from core.errors import CheckpointMismatchError, ConfigError
 
 STATE, DATA, META = "state", "data", "meta"
 # Enough leaves to recognise the problem without flooding the terminal.

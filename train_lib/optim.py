@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train_lib.errors import ConfigError
+from core.errors import ConfigError
 
 CLIP_MODES = ("none", "global_norm", "quantile")
 QUANTILE_SCOPES = ("per_parameter", "global")

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train_lib.errors import ConfigError
+from core.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch dimension is split over every axis that holds a copy of the model's work (the
@@ -43,11 +43,6 @@ BATCH_AXES = ("data", "fsdp")
 LogicalRules = tuple[tuple[str, tuple[str, ...]], ...]
 # (param path regex, logical name per dim | None for "replicated, any rank") as in sharding_rules.
 ParamAxesTable = Sequence[tuple[str, tuple[str | None, ...] | None]]
-
-
-class ShardingRuleError(ValueError):
-    """A model's param-axes table does not fit its parameters (unmatched path, two matching
-    rules, wrong rank); the message names the parameter path."""
 
 
 def _log(message: str) -> None:
@@ -183,7 +178,7 @@ def param_logical_axes(params: Any, table: ParamAxesTable) -> dict[str, tuple[st
     """'path' -> logical name per dim, for every leaf of `params` (arrays or ShapeDtypeStructs).
 
     Every path must fully match exactly one regex of `table` and have the rank its entry names;
-    otherwise ShardingRuleError naming the path.
+    otherwise ConfigError naming the path.
     """
     compiled = [(re.compile(pattern), axes) for pattern, axes in table]
     out: dict[str, tuple[str | None, ...]] = {}
@@ -191,17 +186,17 @@ def param_logical_axes(params: Any, table: ParamAxesTable) -> dict[str, tuple[st
         path, shape = path_str(key_path), tuple(np.shape(leaf))
         hits = [(p.pattern, axes) for p, axes in compiled if p.fullmatch(path)]
         if not hits:
-            raise ShardingRuleError(
+            raise ConfigError(
                 f"param {path} {shape} matches no rule of the model's param_axes table"
             )
         if len(hits) > 1:
             listed = ", ".join(repr(pattern) for pattern, _ in hits)
-            raise ShardingRuleError(f"param {path} {shape} matches {len(hits)} rules: {listed}")
+            raise ConfigError(f"param {path} {shape} matches {len(hits)} rules: {listed}")
         pattern, axes = hits[0]
         if axes is None:
             axes = (None,) * len(shape)
         if len(axes) != len(shape):
-            raise ShardingRuleError(
+            raise ConfigError(
                 f"param {path} has shape {shape} but rule {pattern!r} names {len(axes)} dims "
                 f"{tuple(axes)}"
             )

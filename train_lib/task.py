@@ -1,8 +1,8 @@
 """The Task interface: what the trainer needs from a problem (data, model, loss, metrics).
 
 A task knows nothing about devices, files or the loop; the trainer knows nothing about
-equations. Tasks are looked up by `config.task.name`: either a registered short name or an
-import path `package.module:ClassName` (handy for experiments and tests).
+equations. The config names the Task subclass to build, `config.task.name = 'package.module:Class'`
+(e.g. 'tasks.ctm_maze.task:MazeTask'), so this module names no task of its own.
 """
 
 from __future__ import annotations
@@ -18,17 +18,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from train_lib.errors import ConfigError
+from core.errors import ConfigError
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
-
-# Short names -> "module:Class", imported lazily so train_lib never imports model code eagerly.
-TASKS: dict[str, str] = {
-    "ctm_parity": "ctm_jax.tasks.parity:ParityTask",
-    "ctm_maze": "ctm_jax.tasks.maze:MazeTask",
-    "parscale_lm": "parscale_jax.task:ParScaleLMTask",
-}
 
 
 class Task(abc.ABC):
@@ -130,12 +123,12 @@ class Task(abc.ABC):
 
 
 def resolve_task_class(name: str) -> type[Task]:
-    """Registered short name or `module:Class` -> the Task subclass."""
-    target = TASKS.get(name, name)
+    """`module:Class` -> the Task subclass."""
+    target = str(name)
     if ":" not in target:
         raise ConfigError(
-            f"task.name={name!r} is invalid: allowed: {', '.join(sorted(TASKS))} or "
-            f"'package.module:TaskClass'"
+            f"task.name={name!r} is invalid: must be 'package.module:TaskClass', "
+            "e.g. 'tasks.ctm_maze.task:MazeTask'"
         )
     module_name, _, class_name = target.partition(":")
     try:

@@ -32,8 +32,8 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from core.errors import ConfigError, NonFiniteError
 from train_lib import checkpointing, metrics, optim, sharding
-from train_lib.errors import ConfigError, NonFiniteError
 from train_lib.task import Batch, Task, make_task
 
 CHECKPOINT_DIR = "checkpoints"
@@ -132,15 +132,46 @@ def init_state(
     """Fresh train state: params, buffers, optimiser state, step 0, base dropout key."""
     param_rng, dropout_rng = jax.random.split(rng)
     variables = dict(task.init_variables(model, param_rng, batch))
+    variables["params"] = task.project_params(variables["params"])
+    return state_from_variables(variables, tx, dropout_rng)
+
+
+def state_from_variables(
+    variables: Mapping[str, Any],
+    tx: optax.GradientTransformation,
+    dropout_rng: jax.Array,
+    step: int = 0,
+) -> TrainState:
+    """A train state holding `variables` ({'params': ..., <collections>}) at `step`, with a fresh
+    optimiser state and `dropout_rng` as the base dropout key."""
+    variables = dict(variables)
     params = variables.pop("params")
-    params = task.project_params(params)
     return TrainState(
-        step=jnp.zeros([], jnp.int32),
+        step=jnp.asarray(step, jnp.int32),
         params=params,
         buffers=variables,
         opt_state=tx.init(params),
         rng=dropout_rng,
     )
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(param init key, base dropout key) of `train.seed`: the one split every run makes."""
+    param_rng, dropout_rng = jax.random.split(jax.random.key(int(seed)))
+    return param_rng, dropout_rng
+
+
+def checkpoint_meta(
+    exp: Experiment, step: int, eval_metrics: Mapping[str, float], **extra: Any
+) -> dict[str, Any]:
+    """The JSON saved beside every checkpoint: config, step, last eval, finished flag."""
+    return {
+        "config": exp.config_json,
+        "step": step,
+        "eval": dict(eval_metrics),
+        "finished": step >= exp.total_steps,
+        **extra,
+    }
 
 
 def make_train_step(
@@ -355,6 +386,37 @@ def restore_run(workdir: str | Path) -> tuple[Experiment, TrainState, int]:
             target = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
             state, _ = ckpt.restore(step, target, None)
     return exp, state, step
+
+
+def write_workdir(
+    exp: Experiment,
+    workdir: str | Path,
+    variables: Mapping[str, Any],
+    step: int = 0,
+    **meta: Any,
+) -> TrainState:
+    """Starts a new training workdir from given variables (e.g. imported reference weights):
+    config.json plus a checkpoint at `step` holding them, a fresh optimiser state, the base
+    dropout key of train.seed and the data iterator at its start. `restore_run` reads it and
+    `train_and_evaluate` resumes it like any other run. `meta` is added to the checkpoint's
+    metadata. Refuses (ConfigError) a directory that already holds a run."""
+    workdir = checkpointing.as_path(workdir)
+    if (workdir / CONFIG_FILE).exists() or (workdir / CHECKPOINT_DIR).exists():
+        raise ConfigError(
+            f"{workdir} already holds a workdir (config.json or checkpoints/); pick a new one"
+        )
+    _, dropout_rng = seed_keys(exp.config.train.seed)
+    state = state_from_variables(variables, exp.tx, dropout_rng, step)
+    with jax.set_mesh(exp.mesh):
+        state = jax.device_put(state, exp.state_shardings)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_iter = iter(exp.dataset("train").to_iter_dataset(_read_options(exp.config.train)))
+    with checkpointing.Checkpointer(
+        workdir / CHECKPOINT_DIR, save_every=1, keep=1_000_000, async_save=False
+    ) as ckpt:
+        ckpt.save(step, state, train_iter, checkpoint_meta(exp, step, {}, **meta), force=True)
+    (workdir / CONFIG_FILE).write_text(json.dumps(exp.config_json, indent=2) + "\n")
+    return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSummary:
@@ -619,12 +681,7 @@ def _train_loop(
                 if want_eval:
                     last_eval = evaluate(state, done)
                 if want_save:
-                    meta = {
-                        "config": exp.config_json,
-                        "step": done,
-                        "eval": last_eval,
-                        "finished": done == total_steps,
-                    }
+                    meta = checkpoint_meta(exp, done, last_eval)
                     ckpt.save(done, state, train_iter, meta, force=True)
             if preempted:
                 ckpt.wait_until_finished()

@@ -1,4 +1,4 @@
-"""tfds builder `lm_corpus`: packed LM sequences of `parscale_jax.data`, prepared offline.
+"""tfds builder `lm_corpus`: packed LM sequences of `tasks.parscale_lm.data`, prepared offline.
 
 Nothing is downloaded: documents come from the running Python's standard library, local files,
 or an already prepared tfds text dataset, and the output is array_record, so preparing and
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from parscale_jax import data
+from tasks.parscale_lm import data
 
 
 @dataclasses.dataclass(eq=False)

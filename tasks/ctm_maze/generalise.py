@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.errors import ConfigError
 from ctm_jax.model import CTM
-from ctm_jax.tasks import maze_data
-from ctm_jax.tasks.maze_metrics import walk_route
+from tasks.ctm_maze import data as maze_data
+from tasks.ctm_maze.metrics import walk_route
 
 Array = jax.Array
 N_ACTIONS = 5
@@ -91,7 +92,7 @@ def reapply_solve(
     `max_reapplications` applications in all (1: the plain single application). Examples that
     are solved or make no progress stop; the loop ends early when all have stopped."""
     if max_reapplications < 1:
-        raise ValueError(f"max_reapplications={max_reapplications} is invalid: must be >= 1")
+        raise ConfigError(f"max_reapplications={max_reapplications} is invalid: must be >= 1")
     images = jnp.asarray(images, jnp.float32)
     batch = images.shape[0]
     active = jnp.ones((batch,), bool)
@@ -147,7 +148,7 @@ def ctm_predictor(
 def with_ticks(model: CTM, ticks: int) -> CTM:
     """The same CTM running `ticks` internal ticks (the variables fit unchanged)."""
     if ticks < 1:
-        raise ValueError(f"ticks={ticks} is invalid: must be >= 1")
+        raise ConfigError(f"ticks={ticks} is invalid: must be >= 1")
     return CTM(dataclasses.replace(model.config, iterations=int(ticks)), dtype=model.dtype)
 
 

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from core.errors import ConfigError
 from ctm_jax import config as ctm_config
 from ctm_jax.losses import parity_loss
 from ctm_jax.model import CTM, CTMOutput, project_params
-from train_lib.errors import ConfigError
 from train_lib.task import Batch, Metrics, Task
 
 # Streams are effectively infinite; grain needs a length, and 2**62 indices never run out.
@@ -132,11 +132,8 @@ def model_config(model: Mapping[str, Any], seq_len: int) -> ctm_config.CTMConfig
                 f"needs {derived!r} (leave it out of the config)"
             )
         values[name] = derived
-    try:
-        cfg = ctm_config.CTMConfig.from_mapping(values)
-        cfg.validate_input_shape((1, seq_len))
-    except ctm_config.ConfigError as e:
-        raise ConfigError(str(e)) from None
+    cfg = ctm_config.CTMConfig.from_mapping(values)
+    cfg.validate_input_shape((1, seq_len))
     return cfg
 
 
@@ -171,7 +168,7 @@ class ParityTask(Task):
         self, split: str, *, batch_size: int, shard_index: int = 0, shard_count: int = 1
     ) -> grain.MapDataset:
         if split not in ("train", "eval"):
-            raise ValueError(f"unknown split {split!r}; parity has 'train' and 'eval'")
+            raise ConfigError(f"unknown split {split!r}; parity has 'train' and 'eval'")
         seed = int(self.config.task.train_seed if split == "train" else self.config.task.eval_seed)
         return parity_dataset(self.seq_len, seed, batch_size, shard_index, shard_count)
 

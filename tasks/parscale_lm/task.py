@@ -1,7 +1,8 @@
-"""ParScale language modelling on the shared train loop (`task.name = 'parscale_lm'`).
+"""ParScale language modelling on the shared train loop
+(`task.name = 'tasks.parscale_lm.task:ParScaleLMTask'`).
 
 Model: `ParScaleLM` built from the `model` section (a `ParScaleConfig`; `model.parscale_n` = P).
-Data: `parscale_jax.data.lm_dataset`, packed fixed-length sequences of a tokenised corpus; the
+Data: `tasks.parscale_lm.data.lm_dataset`, packed fixed-length sequences of a tokenised corpus; the
 trainer's 'eval' split is the corpus' held-out 'validation' documents. Loss: next-token
 cross-entropy averaged over `loss_mask`; metrics: perplexity (exp of that masked mean), next-token
 accuracy and `tokens` (loss tokens in the batch). The progress line adds tokens/s
@@ -42,10 +43,10 @@ import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from core.errors import ConfigError
 from parscale_jax import config as ps_config
-from parscale_jax import data
 from parscale_jax.model import LMOutput, ParScaleLM
-from train_lib.errors import ConfigError
+from tasks.parscale_lm import data
 from train_lib.task import Batch, Metrics, Task
 
 # Param-path components of the ParScale-specific parameters (everything else is the backbone).
@@ -80,7 +81,7 @@ def model_config(model: Mapping[str, Any]) -> ps_config.ParScaleConfig:
     """ParScaleConfig from the `model` section; ConfigError naming the field otherwise."""
     try:
         return ps_config.ParScaleConfig.from_mapping(dict(model.items()), prefix="model.")
-    except (ps_config.ConfigError, TypeError) as e:
+    except TypeError as e:  # an unknown field name
         raise ConfigError(str(e)) from None
 
 
@@ -203,7 +204,7 @@ class ParScaleLMTask(Task):
             )
         try:
             hf = ps_config.ParScaleConfig.from_hf(json.loads(config_path.read_text()))
-        except (ps_config.ConfigError, ValueError, TypeError) as e:
+        except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"init_from_hf={str(directory)!r} is invalid: {e}") from None
         for name in ARCHITECTURE_FIELDS:
             ours, theirs = getattr(self.model_config, name), getattr(hf, name)
@@ -246,7 +247,7 @@ class ParScaleLMTask(Task):
         self, split: str, *, batch_size: int, shard_index: int = 0, shard_count: int = 1
     ) -> grain.MapDataset:
         if split not in ("train", "eval"):
-            raise ValueError(f"unknown split {split!r}; the LM task has 'train' and 'eval'")
+            raise ConfigError(f"unknown split {split!r}; the LM task has 'train' and 'eval'")
         try:
             ds = self._lm_dataset(
                 "train" if split == "train" else "validation",

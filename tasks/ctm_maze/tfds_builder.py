@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ctm_jax.tasks import maze_data
+from tasks.ctm_maze import data as maze_data
 
 DEFAULT_NUM_TRAIN = 50_000
 DEFAULT_NUM_TEST = 10_000

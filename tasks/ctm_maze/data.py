@@ -31,6 +31,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from core.errors import ConfigError, DataError
+
 # Image side in pixels and route length per preset (the reference's HF size table).
 PRESETS: dict[str, tuple[int, int]] = {
     # Ours, for the 2-core CPU demo: 5x5 cells; 95% of random start/goal routes fit in 32 steps.
@@ -61,7 +63,7 @@ Position = tuple[int, int]
 def preset(size: str) -> tuple[int, int]:
     """(image side in pixels, route length) of a preset name."""
     if size not in PRESETS:
-        raise ValueError(f"unknown maze size {size!r}; expected one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown maze size {size!r}; expected one of {sorted(PRESETS)}")
     return PRESETS[size]
 
 
@@ -278,7 +280,7 @@ def _colour_mask(image: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
 def _single(mask: np.ndarray, what: str) -> Position:
     found = np.argwhere(mask)
     if len(found) != 1:
-        raise ValueError(f"expected exactly one {what} pixel, found {len(found)}")
+        raise DataError(f"expected exactly one {what} pixel, found {len(found)}")
     return int(found[0][0]), int(found[0][1])
 
 
@@ -296,7 +298,7 @@ def read_solution(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     passable[start] = passable[goal] = True
     path = shortest_path(passable, start, goal)
     if not path:
-        raise ValueError("no blue path joins the start to the goal")
+        raise DataError("no blue path joins the start to the goal")
     clean = image.copy()
     clean[blue] = CORRIDOR
     return clean, path_to_actions(path)
@@ -348,7 +350,7 @@ SPLITS = {"train": 0, "test": 1, "eval": 1}
 def split_seed(seed: int, split: str) -> int:
     """Stream seed of a split: 2*seed for train, 2*seed+1 for test/eval (never shared)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
     return 2 * seed + SPLITS[split]
 
 
@@ -398,7 +400,7 @@ def maze_dataset(
     elif data_dir is not None:
         import tensorflow_datasets as tfds
 
-        from ctm_jax.tasks import maze_tfds  # registers the builder
+        from tasks.ctm_maze import tfds_builder as maze_tfds  # registers the builder
 
         source = tfds.data_source(
             f"{maze_tfds.GeneratedMazes.name}/{tfds_config or size}",

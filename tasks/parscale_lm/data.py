@@ -4,7 +4,7 @@ Pipeline (one way, offline preparation then TF-free reading):
 
     corpus (documents: name, text) --split by file--> train / validation documents
       --tokenizer--> token ids, each document followed by EOS --pack--> sequences of seq_len + 1
-      --tfds builder `lm_corpus` (parscale_jax/lm_tfds.py)--> array_record under data_dir
+      --tfds builder `lm_corpus` (tasks/parscale_lm/tfds_builder.py)--> array_record under data_dir
       --tfds data source + grain--> `lm_dataset(...)`: shuffled, repeated, host-sharded batches.
 
 Tokenizers (`make_tokenizer(spec)`): 'bytes' is `ByteTokenizer` (ids 0..255 are the UTF-8 bytes,
@@ -81,6 +81,8 @@ from typing import Any, Protocol, runtime_checkable
 import grain
 import numpy as np
 
+from core.errors import ConfigError, DataError
+
 DEFAULT_VALIDATION_FRACTION = 0.02
 SPLITS = {"train": "train", "validation": "validation", "eval": "validation", "test": "validation"}
 CORPORA = ("stdlib", "files", "tfds")
@@ -113,7 +115,7 @@ class Tokenizer(Protocol):
 def round_vocab(vocab_size: int, multiple: int = 64) -> int:
     """Embedding-table size: `vocab_size` rounded up to a multiple (258 -> 320 for bytes)."""
     if vocab_size <= 0 or multiple <= 0:
-        raise ValueError(f"vocab_size={vocab_size} and multiple={multiple} must be positive")
+        raise ConfigError(f"vocab_size={vocab_size} and multiple={multiple} must be positive")
     return -(-vocab_size // multiple) * multiple
 
 
@@ -171,7 +173,7 @@ class HFTokenizer:
 
         eos = eos_token or token_string(config.get("eos_token"))
         if not eos:
-            raise ValueError(
+            raise DataError(
                 f"no EOS token for {path}: pass eos_token=... or put 'eos_token' in {config_path}"
             )
         pad = pad_token or token_string(config.get("pad_token")) or eos
@@ -179,7 +181,7 @@ class HFTokenizer:
         for what, token in (("EOS", eos), ("PAD", pad)):
             token_id = tok.token_to_id(token)
             if token_id is None:
-                raise ValueError(f"{what} token {token!r} is not in the vocabulary of {path}")
+                raise DataError(f"{what} token {token!r} is not in the vocabulary of {path}")
             ids[what] = token_id
         return cls(tok, ids["EOS"], ids["PAD"], spec=str(path))
 
@@ -291,7 +293,7 @@ class FileCorpus:
                 seen.add(path.resolve())
                 name = Path(os.path.relpath(path, base)).as_posix()
                 if name in self._paths:
-                    raise ValueError(f"two files share the document name {name!r}")
+                    raise DataError(f"two files share the document name {name!r}")
                 self._paths[name] = path
         if not self._paths:
             raise FileNotFoundError(f"no files match {list(map(str, patterns))}")
@@ -354,11 +356,11 @@ def split_names(
 ) -> dict[str, list[str]]:
     """{'train': [...], 'validation': [...]}, each sorted (rule in the module docstring)."""
     if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction={validation_fraction} must be in [0, 1)")
+        raise ConfigError(f"validation_fraction={validation_fraction} must be in [0, 1)")
     names = sorted(set(names))
     if max_documents is not None:
         if max_documents <= 0:
-            raise ValueError(f"max_documents={max_documents} must be positive")
+            raise ConfigError(f"max_documents={max_documents} must be positive")
         names = sorted(sorted(names, key=lambda n: _hash_fraction("select:" + n))[:max_documents])
     fractions = {n: _hash_fraction(n) for n in names}
     validation = [n for n in names if fractions[n] < validation_fraction]
@@ -378,7 +380,7 @@ def pack_documents(
     """Packed sequences {'tokens', 'segment_ids'} (int32, seq_len + 1 each) of token documents,
     streaming (rule in the module docstring)."""
     if seq_len <= 0:
-        raise ValueError(f"seq_len={seq_len} must be positive")
+        raise ConfigError(f"seq_len={seq_len} must be positive")
     width = seq_len + 1
     tokens = np.zeros(0, np.int32)
     docs = np.zeros(0, np.int64)
@@ -455,17 +457,17 @@ class CorpusSpec:
 
     def __post_init__(self) -> None:
         if self.corpus not in CORPORA:
-            raise ValueError(f"unknown corpus {self.corpus!r}; expected one of {list(CORPORA)}")
+            raise ConfigError(f"unknown corpus {self.corpus!r}; expected one of {list(CORPORA)}")
         if isinstance(self.seq_len, bool) or int(self.seq_len) != self.seq_len or self.seq_len <= 0:
-            raise ValueError(f"seq_len={self.seq_len} must be a positive integer")
+            raise ConfigError(f"seq_len={self.seq_len} must be a positive integer")
         if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
+            raise ConfigError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
         if self.max_documents is not None and self.max_documents <= 0:
-            raise ValueError(f"max_documents={self.max_documents} must be positive")
+            raise ConfigError(f"max_documents={self.max_documents} must be positive")
         if self.corpus == "files" and not self.paths:
-            raise ValueError("corpus='files' needs paths=(file paths or globs, ...)")
+            raise ConfigError("corpus='files' needs paths=(file paths or globs, ...)")
         if self.corpus == "tfds" and not self.tfds_name:
-            raise ValueError("corpus='tfds' needs tfds_name='dataset[/config]'")
+            raise ConfigError("corpus='tfds' needs tfds_name='dataset[/config]'")
         if self.tokenizer != "bytes" and not Path(self.tokenizer).is_file():
             raise FileNotFoundError(f"tokenizer file {self.tokenizer!r} does not exist")
 
@@ -511,7 +513,7 @@ class CorpusSpec:
 def stored_split(split: str) -> str:
     """'train' -> 'train'; 'validation' / 'eval' / 'test' -> 'validation'."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
     return SPLITS[split]
 
 
@@ -519,7 +521,7 @@ def lm_source(spec: CorpusSpec, split: str, data_dir: str | os.PathLike | None =
     """Random-access source of stored sequences {'tokens', 'segment_ids'} of a split, preparing
     the tfds dataset under `data_dir` (tfds' default, ~/tensorflow_datasets, when None) first if
     it is not there."""
-    from parscale_jax import lm_tfds
+    from tasks.parscale_lm import tfds_builder as lm_tfds
 
     builder = lm_tfds.prepare(spec, data_dir)
     return builder.as_data_source(split=stored_split(split))
@@ -551,13 +553,13 @@ def lm_dataset(
     """
     name = stored_split(split)
     if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+        raise ConfigError(f"batch_size={batch_size} must be positive")
     if shard_count <= 0 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+        raise ConfigError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     spec = CorpusSpec(corpus=corpus, tokenizer=str(tokenizer), seq_len=seq_len, **spec_options)
     ds = grain.MapDataset.source(lm_source(spec, name, data_dir))
     if len(ds) == 0:
-        raise ValueError(f"split {name!r} of {spec.config_name()} is empty")
+        raise DataError(f"split {name!r} of {spec.config_name()} is empty")
     if shuffle if shuffle is not None else name == "train":
         ds = ds.shuffle(seed=seed)
     if repeat if repeat is not None else name == "train":

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from core.errors import ConfigError
 from ctm_jax import config as ctm_config
 from ctm_jax.losses import maze_loss
 from ctm_jax.model import CTM, CTMOutput, project_params
-from ctm_jax.tasks.maze_data import PRESETS, maze_dataset
-from ctm_jax.tasks.maze_metrics import maze_metrics
-from train_lib.errors import ConfigError
+from tasks.ctm_maze.data import PRESETS, maze_dataset
+from tasks.ctm_maze.metrics import maze_metrics
 from train_lib.task import Batch, Metrics, Task
 
 N_ACTIONS = 5
@@ -37,11 +37,8 @@ def model_config(model: Mapping[str, Any], size: str) -> ctm_config.CTMConfig:
         "out_dims": route * N_ACTIONS,
         "prediction_reshaper": (route, N_ACTIONS),
     }
-    try:
-        cfg = ctm_config.CTMConfig.from_mapping(values)
-        cfg.validate_input_shape((1, side, side, 3))
-    except ctm_config.ConfigError as e:
-        raise ConfigError(str(e)) from None
+    cfg = ctm_config.CTMConfig.from_mapping(values)
+    cfg.validate_input_shape((1, side, side, 3))
     return cfg
 
 

@@ -1,0 +1,1 @@
+"""Project-wide leaf modules: the error family (imports nothing of ours)."""

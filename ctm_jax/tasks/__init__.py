@@ -1,1 +1,0 @@
-"""CTM training tasks: data, targets and metrics, one module per task."""
