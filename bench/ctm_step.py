@@ -1,6 +1,6 @@
 """CTM train-step and forward throughput, against this machine's own dense matmul peak.
 
-    python -m bench.ctm_step [--steps 3] [--skip-reference]
+    python -m bench.ctm_step [--steps=3] [--skip_reference]
 
 For the parity `:tiny` preset and the reference parity configuration (d_model 1024, 75 ticks,
 batch 64) it prints examples/s for a full train step (forward + backward + AdamW + projection) and
@@ -14,38 +14,27 @@ not once per tick); a train step is counted as 3x the forward.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
+from bench.timing import matmul_peak_flops, time_calls
 from configs import ctm_parity
 from ctm_jax.config import CTMConfig
 from ctm_jax.losses import parity_loss
 from ctm_jax.model import CTM, project_params
+from launch import cli
 
-
-def best_seconds(fn, reps: int) -> float:
-    """Fastest of `reps` calls of fn() (blocking on the result), after one warm-up call."""
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
-    """Dense float32 matmul FLOP/s of this machine, as XLA runs it."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    return 2 * n**3 / best_seconds(lambda: dot(a, b), reps)
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed calls per measurement.", lower_bound=1)
+_SKIP_REFERENCE = flags.DEFINE_bool(
+    "skip_reference", False, "Only the :tiny preset (the reference config takes minutes)."
+)
 
 
 def forward_flops(cfg: CTMConfig, batch: int, n_tokens: int, in_channels: int) -> float:
@@ -92,16 +81,6 @@ def make_steps(cfg: CTMConfig, batch: int, length: int, lr: float = 1e-4):
         return model.apply({"params": params, "buffers": buffers}, x).predictions
 
     return jax.jit(train_step, donate_argnums=0), jax.jit(forward), state, x, targets
-
-
-def time_calls(fn, reps: int) -> float:
-    """Median seconds per call (blocking on the result)."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def bench_config(
@@ -163,24 +142,16 @@ def model_config(preset: str | None) -> tuple[CTMConfig, int, int]:
     return cfg, config.train.batch_size, length
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed calls per measurement")
-    parser.add_argument(
-        "--skip-reference",
-        action="store_true",
-        help="only the :tiny preset (the reference config takes minutes)",
-    )
-    args = parser.parse_args()
-
+def main(argv: Sequence[str]) -> None:
+    cli.start(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
     peak = matmul_peak_flops()
     print(f"dense f32 matmul peak (2048^3, best of 10): {peak / 1e9:.1f} GFLOP/s")
-    bench_config("parity :tiny", *model_config("tiny"), args.steps, peak)
-    if args.skip_reference:
+    bench_config("parity :tiny", *model_config("tiny"), _STEPS.value, peak)
+    if _SKIP_REFERENCE.value:
         return
     reference, batch, length = model_config(None)
-    bench_config("parity reference (D1024)", reference, batch, length, args.steps, peak)
+    bench_config("parity reference (D1024)", reference, batch, length, _STEPS.value, peak)
     t5 = compile_seconds(dataclasses.replace(reference, iterations=5), batch, length)
     t75 = compile_seconds(reference, batch, length)
     print(
@@ -190,4 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,7 +1,7 @@
 """ParScale inference cost on this machine: prefill, decode latency and memory against P.
 
-    python -m bench.parscale_decode [--reps 3] [--prompt-len 128] [--new-tokens 32]
-        [--streams 1,2,4,8] [--batches 1,8] [--json out.json] [--untied] [--check-generate]
+    python -m bench.parscale_decode [--reps=3] [--prompt_len=128] [--new_tokens=32]
+        [--streams=1,2,4,8] [--batches=1,8] [--json=out.json] [--untied] [--check_generate]
 
 For a ~100M-parameter Qwen2-style model (`bench_config`: vocab 32000, hidden 768, 12 layers,
 12 heads, 4 KV heads, SwiGLU 2048, tied embeddings, float32, 48 prefix tokens per stream) with
@@ -9,15 +9,15 @@ random parameters from `ParScaleLM(config).init` (prefixes and aggregator presen
 for every P in --streams and batch B in --batches it measures:
 
 * prefill: one jit-compiled call that allocates the KV cache for prompt + new tokens (writing the
-  P prefixes in front, as `generate` does), runs the B x prompt-len prompt through the model and
+  P prefixes in front, as `generate` does), runs the B x prompt_len prompt through the model and
   returns the last-position logits and the filled cache. Reported as prompt tokens per second,
-  B * prompt-len / median seconds (the P streams are internal work, not extra tokens).
+  B * prompt_len / median seconds (the P streams are internal work, not extra tokens).
 * decode: one jit-compiled step `(params, token, cache) -> (greedy next token, cache)`, the cache
   donated so XLA updates it in place as it does inside `generate`'s `lax.scan`. From a copy of
-  the prefilled cache it runs new-tokens steps back to back; a rep's time / new-tokens is the
+  the prefilled cache it runs new_tokens steps back to back; a rep's time / new_tokens is the
   latency of one step (one new token for each of the B sequences), the median over reps is
   reported as ms/token. Timing a single step keeps the prefill out of the number without a
-  subtraction; the Python dispatch per step (~0.1 ms) is small next to a step. `--check-generate`
+  subtraction; the Python dispatch per step (~0.1 ms) is small next to a step. `--check_generate`
   also times `parscale_jax.generate` end to end and reports (generate - prefill) / (new - 1)
   as a cross-check.
 * compile time of both functions (`jit(...).lower(...).compile()`), excluded from the timings;
@@ -50,22 +50,23 @@ runs the same model with a separate LM-head matrix (124.7M parameters) for compa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from bench.ctm_step import best_seconds, matmul_peak_flops, time_calls
+from bench.timing import best_seconds, matmul_peak_flops, time_calls
+from launch import cli
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.generate import generate
 from parscale_jax.model import KVCache, ParScaleLM, dtype_of, init_cache
@@ -73,6 +74,40 @@ from parscale_jax.model import KVCache, ParScaleLM, dtype_of, init_cache
 # The paper's cost model (parscale.md section 5, batch 1, input = output = 128 tokens, 1.6B
 # non-embedding parameters, A100, bf16): P = 8 over P = 1.
 PAPER_P8_OVER_P1 = {"latency": 0.284 / 0.256, "memory": 3.509 / 3.404}
+
+
+def parse_ints(values: Sequence[str]) -> list[int]:
+    """The comma-separated values of a list flag as positive integers (ValueError otherwise)."""
+    ints = [int(x) for x in values if x.strip()]
+    if not ints or min(ints) < 1:
+        raise ValueError(f"{','.join(values)!r}: need positive integers, comma-separated")
+    return ints
+
+
+def _valid_ints(values: Sequence[str]) -> bool:
+    try:
+        parse_ints(values)
+    except ValueError:
+        return False
+    return True
+
+
+_REPS = flags.DEFINE_integer("reps", 3, "Timed reps per measurement (median).", lower_bound=1)
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.", lower_bound=1)
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Decode steps per timed rep.", lower_bound=1)
+_STREAMS = flags.DEFINE_list("streams", ["1", "2", "4", "8"], "Values of P, comma-separated.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes, comma-separated.")
+_JSON = flags.DEFINE_string("json", None, "Also write every number to this file.")
+_UNTIED = flags.DEFINE_bool(
+    "untied", False, "A separate LM-head matrix instead of tied embeddings (see the docstring)."
+)
+_CHECK_GENERATE = flags.DEFINE_bool(
+    "check_generate",
+    False,
+    "Also time parscale_jax.generate end to end (one more compile per setting).",
+)
+for _name in ("streams", "batches"):
+    flags.register_validator(_name, _valid_ints, "need positive integers, comma-separated")
 
 
 def bench_config(parscale_n: int = 1, tied: bool = True) -> ParScaleConfig:
@@ -366,37 +401,11 @@ def print_table(results: list[dict[str, Any]], peak: float) -> None:
         )
 
 
-def parse_ints(text: str) -> list[int]:
-    values = [int(x) for x in text.split(",") if x.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: need positive integers, comma-separated")
-    return values
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.parscale_decode", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--reps", type=int, default=3, help="timed reps per measurement (median)")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per timed rep")
-    parser.add_argument("--streams", type=parse_ints, default=[1, 2, 4, 8], help="values of P")
-    parser.add_argument("--batches", type=parse_ints, default=[1, 8])
-    parser.add_argument("--json", type=Path, default=None, help="also write every number here")
-    parser.add_argument(
-        "--untied",
-        action="store_true",
-        help="a separate LM-head matrix instead of tied embeddings (see the docstring)",
-    )
-    parser.add_argument(
-        "--check-generate",
-        action="store_true",
-        help="also time parscale_jax.generate end to end (one more compile per setting)",
-    )
-    args = parser.parse_args(argv)
-    if args.reps < 1 or args.prompt_len < 1 or args.new_tokens < 1:
-        parser.error("--reps, --prompt-len and --new-tokens must be >= 1")
-
+def main(argv: Sequence[str]) -> None:
+    cli.start(argv)
+    streams, batches = parse_ints(_STREAMS.value), parse_ints(_BATCHES.value)
+    prompt_len, new_tokens, reps = _PROMPT_LEN.value, _NEW_TOKENS.value, _REPS.value
+    check_generate = _CHECK_GENERATE.value
     wall_start = time.perf_counter()
     device = jax.devices()[0]
     print(
@@ -410,28 +419,28 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = matvec_bandwidth()
     print(f"f32 matrix-vector bandwidth (8192^2 jnp.dot, best of 10): {bandwidth / 1e9:.1f} GB/s")
 
-    tied = not args.untied
+    tied = not _UNTIED.value
     counts_1 = count_params(init_params(bench_config(1, tied)))
     kind = "tied" if tied else "untied"
     print(
         f"model: {counts_1['total'] / 1e6:.2f}M parameters at P=1 = {counts_1['embedding']:,} "
         f"embedding ({kind}) + {counts_1['non_embedding']:,} non-embedding; "
-        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.reps} reps"
+        f"prompt {prompt_len}, {new_tokens} new tokens, {reps} reps"
     )
 
     results = []
-    for batch in args.batches:
-        for p in sorted(args.streams):
+    for batch in batches:
+        for p in sorted(streams):
             config = bench_config(p, tied)
             params = init_params(config)
             result = measure_setting(
                 config,
                 params,
                 batch,
-                args.prompt_len,
-                args.new_tokens,
-                args.reps,
-                args.check_generate,
+                prompt_len,
+                new_tokens,
+                reps,
+                check_generate,
             )
             results.append(result)
             extra = result["param_counts"]["parscale"]
@@ -439,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  P={p} B={batch}: prefill {result['prefill_s']:.3f} s, decode "
                 f"{result['decode_ms_per_token']:.2f} ms/token, +{extra:,} ParScale parameters"
             )
-            if args.check_generate:
+            if check_generate:
                 msg += f", via generate {result['generate_decode_ms_per_token']:.2f} ms/token"
             print(msg, flush=True)
             del params
@@ -467,9 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     wall_s = time.perf_counter() - wall_start
     print(f"wall time {wall_s:.0f} s")
-    if args.json:
+    if _JSON.value:
         payload = {
-            "argv": sys.argv[1:] if argv is None else argv,
+            "argv": sys.argv[1:],
             "jax_version": jax.__version__,
             "device": device.device_kind,
             "device_memory_stats": runtime_memory,
@@ -483,10 +492,9 @@ def main(argv: list[str] | None = None) -> int:
             # Linux reports kilobytes: the whole process, every setting and the reference runs.
             "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
-        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
-    return 0
+        Path(_JSON.value).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"wrote {_JSON.value}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

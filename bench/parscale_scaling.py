@@ -1,9 +1,9 @@
 """A small parallel-scaling-law experiment on CPU: 3 model sizes x P in {1, 2, 4}.
 
-    python -m bench.parscale_scaling --out runs/parscale_scaling            # 18 min, quiet CPU
-    python -m bench.parscale_scaling --out runs/ps_2m --tokens 2000000      # about an hour
-    python -m bench.parscale_scaling --out /tmp/ps --tokens 20000           # a smoke run
-    python -m parscale_jax.scaling_law --runs runs/parscale_scaling/runs.json
+    python -m bench.parscale_scaling --out=runs/parscale_scaling            # 18 min, quiet CPU
+    python -m bench.parscale_scaling --out=runs/ps_2m --tokens=2000000      # about an hour
+    python -m bench.parscale_scaling --out=/tmp/ps --tokens=20000           # a smoke run
+    python -m launch.fit_scaling_law --runs=runs/parscale_scaling/runs.json
 
 Every run trains the `configs/parscale_lm.py:tiny` architecture (4 layers, 4 heads, 2 KV heads,
 48 prefix tokens, byte tokenizer) at one width on the embedded Python-stdlib corpus for the same
@@ -11,7 +11,7 @@ token budget, then evaluates on held-out documents. The fit uses the final valid
 as in the paper, N = non-embedding parameters including the ParScale ones (prefixes and
 aggregator). Printed: the loss table (size x P), whether the loss falls with P at every size,
 and the fitted L = (A / (N (k ln P + 1)))^alpha + E. `runs.json` (in --out) holds one
-{N, P, loss, ...} record per run, the input of `python -m parscale_jax.scaling_law --runs`.
+{N, P, loss, ...} record per run, the input of `python -m launch.fit_scaling_law --runs`.
 
 Runs live in --out/h<width>_p<P>; re-running skips finished runs (and resumes killed ones).
 This is not a test: tiny models on a tiny budget give a noisy law; it checks the direction.
@@ -22,17 +22,17 @@ P = 1 count for a fit without them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from absl import app, flags
 from flax.traverse_util import flatten_dict
 
 from configs import parscale_lm
+from launch import cli
 from parscale_jax import scaling_law
 from parscale_jax.convert import abstract_params
 from tasks.parscale_lm.task import model_config
@@ -44,6 +44,15 @@ SIZES = {"h64": (64, 192), "h96": (96, 288), "h128": (128, 384)}
 # with width x P; each run adds ~10 s of compile and data setup); --tokens 2000000 is about an
 # hour.
 DEFAULT_TOKENS = 600_000
+
+_OUT = flags.DEFINE_string("out", None, "Folder for the runs and runs.json.")
+_TOKENS = flags.DEFINE_integer("tokens", DEFAULT_TOKENS, "Tokens per run.")
+_SIZES = flags.DEFINE_list("sizes", list(SIZES), f"Subset of {list(SIZES)}, comma-separated.")
+_PS = flags.DEFINE_list("ps", ["1", "2", "4"], "Stream counts P, comma-separated.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per training batch.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per training sequence.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir of the prepared corpus.")
+flags.mark_flags_as_required(["out"])
 
 
 def non_embedding_params(config) -> int:
@@ -71,33 +80,27 @@ def run_config(size: str, p: int, tokens: int, data_dir: str | None, batch: int,
     return config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.parscale_scaling", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--out", required=True, help="folder for the runs and runs.json")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens per run")
-    parser.add_argument("--sizes", default=",".join(SIZES), help=f"subset of {list(SIZES)}")
-    parser.add_argument("--ps", default="1,2,4", help="stream counts P")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--data-dir", default=None, help="tfds data_dir of the prepared corpus")
-    args = parser.parse_args(argv)
-    sizes = [s for s in args.sizes.split(",") if s]
+def main(argv: Sequence[str]) -> None:
+    cli.start(argv)
+    sizes = [s for s in _SIZES.value if s]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
-        parser.error(f"--sizes: unknown {unknown}; allowed {list(SIZES)}")
-    ps = sorted(int(p) for p in args.ps.split(","))
+        raise app.UsageError(f"--sizes: unknown {unknown}; allowed {list(SIZES)}")
+    try:
+        ps = sorted(int(p) for p in _PS.value)
+    except ValueError:
+        raise app.UsageError(f"--ps: need integers, got {','.join(_PS.value)!r}") from None
     if len(sizes) * len(ps) < 5 or len(set(ps)) < 2:
-        parser.error("the fit needs at least 5 runs over at least two values of P")
+        raise app.UsageError("the fit needs at least 5 runs over at least two values of P")
+    tokens, batch_size, seq_len = _TOKENS.value, _BATCH_SIZE.value, _SEQ_LEN.value
 
-    out = Path(args.out)
+    out = Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     t0 = time.perf_counter()
     for size in sizes:
         for p in ps:
-            config = run_config(size, p, args.tokens, args.data_dir, args.batch_size, args.seq_len)
+            config = run_config(size, p, tokens, _DATA_DIR.value, batch_size, seq_len)
             steps = int(config.train.total_steps)
             workdir = out / f"{size}_p{p}"
             print(f"== {size} P={p}: {steps} steps -> {workdir}", flush=True)
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "size": size,
                     "hidden_size": SIZES[size][0],
                     "steps": steps,
-                    "tokens": steps * args.batch_size * args.seq_len,
+                    "tokens": steps * batch_size * seq_len,
                     "workdir": str(workdir),
                 }
             )
@@ -149,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             | result.to_dict()
         )
     )
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

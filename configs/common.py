@@ -9,20 +9,20 @@ import ml_collections
 def optim_section(**overrides) -> ml_collections.ConfigDict:
     """AdamW + linear warm-up + cosine to eta_min, and the gradient clipping choice."""
     values = dict(
-        lr=1e-4,
+        lr=1e-4,  # peak learning rate, reached at the end of the warm-up
         schedule="cosine",  # or "constant" (after the warm-up)
-        warmup_steps=500,
+        warmup_steps=500,  # linear warm-up from warmup_init_lr to lr over these steps
         warmup_init_lr=0.0,  # reference: 1e-20, i.e. zero
         end_lr=1e-7,  # eta_min of the reference's cosine
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        weight_decay=0.0,
+        b1=0.9,  # AdamW first-moment decay
+        b2=0.999,  # AdamW second-moment decay
+        eps=1e-8,  # AdamW denominator epsilon
+        weight_decay=0.0,  # AdamW decoupled weight decay (times the learning rate)
         weight_decay_exclude=(),  # regexes on 'a/b/kernel' param paths exempt from decay
         clip="quantile",  # "quantile" | "global_norm" | "none"
         max_grad_norm=1.0,  # used by clip="global_norm"
-        clip_quantile=0.9,  # autoclip QuantileClip, as the reference parity run
-        clip_history=1000,
+        clip_quantile=0.9,  # clip="quantile": autoclip QuantileClip, as the reference parity run
+        clip_history=1000,  # clip="quantile": how many past gradient norms the quantile uses
         clip_scope="per_parameter",  # autoclip's default; or "global"
     )
     values.update(overrides)
@@ -30,18 +30,21 @@ def optim_section(**overrides) -> ml_collections.ConfigDict:
 
 
 def train_section(**overrides) -> ml_collections.ConfigDict:
+    """The training loop: length, batch, logging, evaluation, checkpoints, data, diagnostics."""
     values = dict(
-        total_steps=200_001,
-        batch_size=64,
+        total_steps=200_001,  # optimiser updates of the whole run (a resumed run continues)
+        batch_size=64,  # global batch, split over the processes and the data-parallel devices
         seed=0,  # model init and dropout
-        log_every=100,
-        eval_every=1000,
-        eval_batches=16,
-        checkpoint_every=1000,
-        keep_checkpoints=3,
-        async_checkpointing=True,
+        log_every=100,  # steps per progress line and per train record (interval means)
+        eval_every=1000,  # steps between evaluations (and at the last step); 0: never
+        eval_batches=16,  # held-out batches per evaluation (the same ones every time)
+        checkpoint_every=1000,  # steps between checkpoints (the last step is always saved)
+        keep_checkpoints=3,  # the latest checkpoints kept on disk; older ones are deleted
+        async_checkpointing=True,  # Orbax writes checkpoints in the background
         data_threads=1,  # grain read threads
-        data_prefetch=8,
+        data_prefetch=8,  # grain prefetch buffer size, in batches
+        profile_steps="",  # 'START,STOP': XLA trace of those steps into <workdir>/tensorboard
+        transfer_guard="allow",  # jax.transfer_guard in the step loop: log / disallow (+_explicit)
     )
     values.update(overrides)
     return ml_collections.ConfigDict(values)
@@ -60,25 +63,30 @@ def mesh_section(**overrides) -> ml_collections.ConfigDict:
         batch="data,fsdp",  # activations' batch dim (and the input batch)
         embed="fsdp",  # model width: LM hidden size, CTM d_input
         hidden="fsdp",  # CTM synapse input / U-Net widths
-        heads="tensor",
-        kv_heads="tensor",
+        heads="tensor",  # attention heads
+        kv_heads="tensor",  # key/value heads (grouped-query attention)
         mlp="tensor",  # LM intermediate size, CTM synapse outputs
-        vocab="tensor",
+        vocab="tensor",  # LM vocabulary (embedding table, output head)
         neurons="tensor",  # CTM d_model: state, NLM weights
         # replicated
-        length="",
-        head_dim="",
-        norm="",
-        streams="",
-        prefix="",
-        memory="",
-        nlm_hidden="",
-        synch="",
-        classes="",
-        features="",
-        conv_in="",
-        conv_out="",
+        length="",  # sequence length
+        head_dim="",  # per-head width
+        norm="",  # normalisation scales and biases
+        streams="",  # ParScale parallel streams
+        prefix="",  # ParScale prefix tokens
+        memory="",  # CTM memory length (pre-activation history)
+        nlm_hidden="",  # CTM neuron-level model hidden width
+        synch="",  # CTM synchronisation representation
+        classes="",  # output classes
+        features="",  # backbone output features (the CTM key/value projection input)
+        conv_in="",  # convolution input channels
+        conv_out="",  # convolution output channels
     )
-    values = dict(data=-1, fsdp=1, tensor=1, rules=rules)
+    values = dict(
+        data=-1,  # data-parallel axis: each device holds a copy of the model
+        fsdp=1,  # FSDP axis: params and optimiser state split, batch split too
+        tensor=1,  # tensor-parallel axis: heads, MLP, vocab and CTM neurons split
+        rules=rules,  # logical axis name -> mesh axes, as above
+    )
     values.update(overrides)
     return ml_collections.ConfigDict(values)

@@ -14,6 +14,9 @@ Presets follow the reference runs (reference/ctm.md §3):
   test    seconds-long runs for the test suite
 Mazes are generated on the fly from a seeded stream unless `task.data_dir` (a prepared tfds
 `generated_mazes` dataset) or `task.image_folder` (the reference's PNG layout) is given.
+
+`get_config` writes out the reference configuration (large); each preset in `PRESETS` lists, in
+one place, every value it sets on top of it (no preset builds on another).
 """
 
 from __future__ import annotations
@@ -23,127 +26,147 @@ from ml_collections import config_dict
 
 from configs import common
 
+# Preset name -> {section: {field: value}}: every value the preset sets on top of the reference
+# config (the large run) written out in `get_config`.
+PRESETS: dict[str, dict[str, dict]] = {
+    "large": {},  # the reference config as written in get_config
+    "reference": {},  # the same
+    # The README's medium command.
+    "medium": {
+        "model": dict(heads=8, synapse_depth=4),
+        "task": dict(size="medium"),
+    },
+    # The README's CPU-trainable run.
+    "small": {
+        "model": dict(
+            iterations=50,
+            d_model=1024,
+            d_input=256,
+            heads=4,
+            n_synch_out=128,
+            n_synch_action=128,
+            synapse_depth=8,
+            backbone_type="resnet18-1",
+            neuron_select_type="random-pairing",
+        ),
+        "task": dict(size="small"),
+        "optim": dict(warmup_steps=5000),
+        "train": dict(total_steps=100_001),
+    },
+    # `make demo`: trains on a 2-core CPU in about 12 minutes.
+    "cpu": {
+        "model": dict(
+            iterations=16,
+            d_model=256,
+            d_input=64,
+            heads=4,
+            n_synch_out=64,
+            n_synch_action=32,
+            synapse_depth=1,
+            memory_length=8,
+            memory_hidden_dims=8,
+            backbone_type="resnet18-1",
+            dropout=0.0,
+            neuron_select_type="random-pairing",
+        ),
+        "task": dict(size="tiny"),
+        "optim": dict(lr=2e-3, warmup_steps=500),
+        "train": dict(
+            total_steps=12_000,
+            batch_size=32,
+            log_every=50,
+            eval_every=2000,
+            eval_batches=32,  # 1,024 held-out mazes
+            checkpoint_every=1000,
+        ),
+    },
+    # Seconds-long runs for the test suite (the real model and data pipeline, just small).
+    "test": {
+        "model": dict(
+            iterations=3,
+            d_model=32,
+            d_input=16,
+            heads=2,
+            n_synch_out=8,
+            n_synch_action=8,
+            synapse_depth=1,
+            memory_length=3,
+            memory_hidden_dims=2,
+            backbone_type="resnet18-1",
+            dropout=0.0,
+            neuron_select_type="random-pairing",
+        ),
+        "task": dict(size="tiny"),
+        "optim": dict(lr=2e-3, warmup_steps=2),
+        "train": dict(
+            total_steps=4,
+            batch_size=4,
+            log_every=2,
+            eval_every=4,
+            eval_batches=1,
+            checkpoint_every=4,
+        ),
+    },
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # CTM constructor arguments; out_dims = route * 5 and the reshaper follow from task.size.
+    # CTM constructor arguments (ctm_jax.config.CTMConfig); out_dims = route * 5 and the reshaper
+    # follow from task.size.
     config.model = ml_collections.ConfigDict(
         dict(
-            iterations=75,
-            d_model=2048,
-            d_input=512,
-            heads=16,
-            n_synch_out=64,
-            n_synch_action=32,
-            synapse_depth=8,
-            memory_length=25,
-            deep_nlms=True,
-            memory_hidden_dims=32,
-            do_layernorm_nlm=False,
-            backbone_type="resnet34-2",
-            positional_embedding_type="none",
-            dropout=0.1,
-            dropout_nlm=config_dict.placeholder(float),
-            neuron_select_type="first-last",
-            n_random_pairing_self=0,
-            variant="ctm",
+            iterations=75,  # internal ticks T
+            d_model=2048,  # neurons D (width of the recurrent state z)
+            d_input=512,  # attention width (keys/values/query)
+            heads=16,  # attention heads (divide d_input)
+            n_synch_out=64,  # neurons in the output synchronisation
+            n_synch_action=32,  # neurons in the action (attention-query) synchronisation
+            synapse_depth=8,  # synapse U-Net depth (1: one Linear-GLU-LayerNorm layer)
+            memory_length=25,  # M, pre-activation history each neuron-level model sees
+            deep_nlms=True,  # 2-layer neuron-level models (else one linear map)
+            memory_hidden_dims=32,  # hidden width of the deep neuron-level models
+            do_layernorm_nlm=False,  # LayerNorm on the neuron-level models' input history
+            backbone_type="resnet34-2",  # ResNet-34 truncated after 2 hyper-blocks
+            positional_embedding_type="none",  # nothing added to the feature map
+            dropout=0.1,  # attention and synapse dropout
+            dropout_nlm=config_dict.placeholder(float),  # None: same as dropout
+            neuron_select_type="first-last",  # out: the first n neurons, action: the last n
+            n_random_pairing_self=0,  # self pairs (random-pairing only)
+            variant="ctm",  # ctm | sort
         )
     )
     config.task = ml_collections.ConfigDict(
         dict(
-            name="tasks.ctm_maze.task:MazeTask",
+            name="tasks.ctm_maze.task:MazeTask",  # the task class, module:Class
             size="large",  # tiny 11x11 / small 15x15 / medium 19x19 / large 39x39 / xl 99x99
             seed=0,  # maze streams: train uses 2*seed, eval 2*seed+1
             lookahead=5,  # auto-curriculum look-ahead (cirriculum_lookahead)
-            expand_range=False,  # the released large checkpoint was trained on [0, 1] inputs
-            use_most_certain=True,
+            expand_range=False,  # inputs in [-1, 1] if True; the released checkpoint used [0, 1]
+            use_most_certain=True,  # loss selects the most-certain tick (and the min-loss tick)
             num_train=config_dict.placeholder(int),  # None: an endless stream of new mazes
-            data_dir=config_dict.placeholder(str),
-            image_folder=config_dict.placeholder(str),
+            data_dir=config_dict.placeholder(str),  # a prepared tfds `generated_mazes` dataset
+            image_folder=config_dict.placeholder(str),  # the reference's PNG layout
         )
     )
-    config.optim = common.optim_section(warmup_steps=10_000, clip="global_norm", max_grad_norm=1.0)
-    config.train = common.train_section(total_steps=1_000_001, batch_size=64)
-    config.mesh = common.mesh_section()
+    # Fields and defaults in configs/common.py.
+    config.optim = common.optim_section(
+        warmup_steps=10_000,  # linear warm-up from 0 to lr
+        clip="global_norm",  # clip the global gradient norm ...
+        max_grad_norm=1.0,  # ... to 1
+    )
+    config.train = common.train_section(
+        total_steps=1_000_001,  # optimiser steps (the reference's training iterations)
+        batch_size=64,  # mazes per step (global, over all devices)
+    )
+    config.mesh = common.mesh_section()  # data parallel over every device
 
-    presets = {
-        "large": None,
-        "reference": None,
-        "medium": _medium,
-        "small": _small,
-        "cpu": _cpu,
-        "test": _test,
-    }
-    if arg not in (None, "") and arg not in presets:
+    if arg in (None, ""):
+        return config
+    if arg not in PRESETS:
         raise ValueError(
-            f"unknown preset {arg!r} for configs/ctm_maze.py; use one of {', '.join(presets)}"
+            f"unknown preset {arg!r} for configs/ctm_maze.py; use one of {', '.join(PRESETS)}"
         )
-    if presets.get(arg):
-        presets[arg](config)
+    for section, values in PRESETS[arg].items():
+        config[section].update(values)
     return config
-
-
-def _medium(config: ml_collections.ConfigDict) -> None:
-    config.model.update(heads=8, synapse_depth=4)
-    config.task.size = "medium"
-
-
-def _small(config: ml_collections.ConfigDict) -> None:
-    config.model.update(
-        d_model=1024,
-        d_input=256,
-        heads=4,
-        iterations=50,
-        synapse_depth=8,
-        n_synch_out=128,
-        n_synch_action=128,
-        neuron_select_type="random-pairing",
-        backbone_type="resnet18-1",
-    )
-    config.task.size = "small"
-    config.optim.warmup_steps = 5000
-    config.train.total_steps = 100_001
-
-
-def _cpu(config: ml_collections.ConfigDict) -> None:
-    _small(config)
-    config.model.update(
-        d_model=256,
-        d_input=64,
-        heads=4,
-        iterations=16,
-        memory_length=8,
-        memory_hidden_dims=8,
-        synapse_depth=1,
-        n_synch_out=64,
-        n_synch_action=32,
-        dropout=0.0,
-    )
-    config.task.size = "tiny"
-    config.optim.update(lr=2e-3, warmup_steps=500)
-    config.train.update(
-        total_steps=12_000,
-        batch_size=32,
-        log_every=50,
-        eval_every=2000,
-        eval_batches=32,  # 1,024 held-out mazes
-        checkpoint_every=1000,
-    )
-
-
-def _test(config: ml_collections.ConfigDict) -> None:
-    _cpu(config)
-    config.model.update(
-        d_model=32,
-        d_input=16,
-        heads=2,
-        iterations=3,
-        memory_length=3,
-        memory_hidden_dims=2,
-        n_synch_out=8,
-        n_synch_action=8,
-    )
-    config.optim.warmup_steps = 2
-    config.train.update(
-        total_steps=4, batch_size=4, log_every=2, eval_every=4, eval_batches=1, checkpoint_every=4
-    )

@@ -33,8 +33,8 @@ Starting points (only when the workdir has no checkpoint of its own):
   --config.freeze_backbone=True train only prefixes + aggregator (parameter-efficient). The
                                 backbone stays bit-identical, so one backbone serves every P
                                 ("dynamic parallel scaling"): one prefix/aggregator set per P,
-                                and P = 1 is the bare backbone (`parscale_jax.generate
-                                --parscale-n 1`, `generate.at_parscale_n`).
+                                and P = 1 is the bare backbone (`python -m launch.generate
+                                --parscale_n=1`, `generate.at_parscale_n`).
 Every field can be overridden, e.g. `--config.optim.lr=1e-3 --config.train.total_steps=500`.
 """
 
@@ -45,168 +45,355 @@ from ml_collections import config_dict
 
 from configs import common
 
-# (hidden_size, intermediate_size) of the scaling-law models, parscale.md §3.3.
-SCALING_SIZES = {
-    "s0": (896, 4864),  # ParScale-0.7B (0.5B non-embedding)
-    "s1": (1024, 5504),  # 0.9B (0.7B)
-    "s2": (1280, 6912),  # 1.3B (1.1B)
-    "s3": (1536, 8320),  # 1.8B (1.6B)
-    "s4": (2048, 11008),  # 3B (2.8B)
-    "s5": (2560, 13824),  # 4.7B (4.4B)
+# Preset name -> {section: {field: value}, top-level field: value}: every value the preset sets on
+# top of the base config (the tiny run) written out in `get_config`. The paper-sized presets'
+# `task.tokenizer=None` must be replaced by a tokenizer.json path on the command line.
+PRESETS: dict[str, dict] = {
+    "tiny": {},  # the base config as written in get_config
+    # Seconds-long runs for the test suite (the real model and data pipeline, just small).
+    "test": {
+        "model": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            parscale_n_tokens=8,
+        ),
+        "task": dict(seq_len=32, max_documents=20),
+        "optim": dict(lr=3e-3, warmup_steps=5),
+        "train": dict(
+            total_steps=30,
+            batch_size=8,
+            log_every=5,
+            eval_every=0,
+            eval_batches=2,
+            checkpoint_every=10,
+        ),
+    },
+    # Scaling-law size s0, ParScale-0.7B (0.5B non-embedding): the released architecture
+    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    "s0": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=2000, end_lr=3e-5),
+        "train": dict(
+            total_steps=20_027,  # 42B tokens / (1024 x 2048 tokens a step)
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+    },
+    # Scaling-law size s1, ParScale-0.9B (0.7B non-embedding): the released architecture
+    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    "s1": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=1024,
+            intermediate_size=5504,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=2000, end_lr=3e-5),
+        "train": dict(
+            total_steps=20_027,  # 42B tokens / (1024 x 2048 tokens a step)
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+    },
+    # Scaling-law size s2, ParScale-1.3B (1.1B non-embedding): the released architecture
+    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    "s2": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=1280,
+            intermediate_size=6912,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=2000, end_lr=3e-5),
+        "train": dict(
+            total_steps=20_027,  # 42B tokens / (1024 x 2048 tokens a step)
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+    },
+    # Scaling-law size s3, ParScale-1.8B (1.6B non-embedding): the released architecture
+    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    "s3": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=1536,
+            intermediate_size=8320,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=2000, end_lr=3e-5),
+        "train": dict(
+            total_steps=20_027,  # 42B tokens / (1024 x 2048 tokens a step)
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+    },
+    # Scaling-law size s4, ParScale-3B (2.8B non-embedding): the released architecture
+    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    "s4": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=2000, end_lr=3e-5),
+        "train": dict(
+            total_steps=20_027,  # 42B tokens / (1024 x 2048 tokens a step)
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+    },
+    # Scaling-law size s5, ParScale-4.7B (4.4B non-embedding): the released architecture
+    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    "s5": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=2560,
+            intermediate_size=13824,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=2000, end_lr=3e-5),
+        "train": dict(
+            total_steps=20_027,  # 42B tokens / (1024 x 2048 tokens a step)
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+    },
+    # The production model, stage 1: the s3 architecture, P = 1, 1T tokens.
+    "1.8b": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=1536,
+            intermediate_size=8320,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=2000, end_lr=3e-5),
+        "train": dict(
+            total_steps=476_837,  # 1T tokens / (1024 x 2048 tokens a step)
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+    },
+    # The production model, stage 2 (with --config.init_from=<stage-1 workdir>): the s3
+    # architecture at P = 8, 20B tokens, a fresh optimiser and schedule.
+    "1.8b-stage2": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=1536,
+            intermediate_size=8320,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            parscale_n=8,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=500, end_lr=3e-5),
+        "train": dict(
+            total_steps=9537,  # 20B tokens / (1024 x 2048 tokens a step)
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+    },
+    # PEFT recycling (parscale.md §7b) of Qwen2.5-0.5B (--config.init_from_hf=DIR): frozen
+    # backbone, P = 2 new prefix sets + aggregator on 2048-token sequences.
+    "qwen2.5-0.5b-peft": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            max_position_embeddings=32768,
+            parscale_n=2,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=200, end_lr=3e-5),
+        "train": dict(
+            total_steps=10_000,  # about 21B tokens
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+        "freeze_backbone": True,
+    },
+    # The same for Qwen2.5-3B, the paper's recycled backbone (§4.2).
+    "qwen2.5-3b-peft": {
+        "model": dict(
+            vocab_size=151_936,  # Qwen2.5's tokenizer
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            max_position_embeddings=32768,
+            parscale_n=2,
+            dtype="bfloat16",
+        ),
+        "task": dict(seq_len=2048, tokenizer=None),  # None: set a tokenizer.json path
+        "optim": dict(lr=3e-4, warmup_steps=200, end_lr=3e-5),
+        "train": dict(
+            total_steps=10_000,  # about 21B tokens
+            batch_size=1024,  # sequences of 2048 tokens
+            log_every=100,
+            eval_every=2000,
+            eval_batches=16,
+            checkpoint_every=2000,
+        ),
+        "freeze_backbone": True,
+    },
 }
-QWEN_VOCAB = 151_936
-# Recycling presets: the public Qwen2.5 base models' architectures (hidden, intermediate, layers,
-# heads, KV heads); every field is checked against the checkpoint's config.json when it loads.
-QWEN25 = {
-    "qwen2.5-0.5b-peft": (896, 4864, 24, 14, 2),
-    "qwen2.5-3b-peft": (2048, 11008, 36, 16, 2),  # the paper's recycled backbone (§4.2)
-}
-PAPER_TOKENS_PER_STEP = 1024 * 2048
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # parscale_jax.config.ParScaleConfig fields.
+    # parscale_jax.config.ParScaleConfig fields (HF Qwen2Config names).
     config.model = ml_collections.ConfigDict(
         dict(
             vocab_size=320,  # the byte tokenizer's 258 ids, 64-aligned
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            hidden_size=128,  # model width H
+            intermediate_size=384,  # SwiGLU MLP width
+            num_hidden_layers=4,  # decoder layers
+            num_attention_heads=4,  # query heads
+            num_key_value_heads=2,  # key/value heads (grouped-query attention)
             head_dim=config_dict.placeholder(int),  # None: hidden_size / num_attention_heads
-            rope_theta=10000.0,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            parscale_n=1,
-            parscale_n_tokens=48,
-            parscale_attn_smooth=0.1,
-            dtype="float32",
+            rope_theta=10000.0,  # RoPE base frequency
+            rms_norm_eps=1e-6,  # RMSNorm epsilon
+            max_position_embeddings=2048,  # longest sequence the model accepts (>= task.seq_len)
+            tie_word_embeddings=True,  # the LM head reuses the input embedding matrix
+            parscale_n=1,  # P, parallel streams (1: plain Qwen2)
+            parscale_n_tokens=48,  # learned prefix tokens per stream (used when P > 1)
+            parscale_attn_smooth=0.1,  # eps of the stream weights: w (1 - eps) + eps / P
+            dtype="float32",  # activations' dtype: float32 | bfloat16
         )
     )
     # tasks.parscale_lm.data.lm_dataset arguments.
     config.task = ml_collections.ConfigDict(
         dict(
-            name="tasks.parscale_lm.task:ParScaleLMTask",
-            seq_len=128,
+            name="tasks.parscale_lm.task:ParScaleLMTask",  # the task class, module:Class
+            seq_len=128,  # tokens per training sequence
             tokenizer="bytes",  # or the path of a tokenizer.json
             eos_token=config_dict.placeholder(str),  # HF tokenizers: else tokenizer_config.json
             corpus="stdlib",  # "stdlib" | "files" | "tfds"
             paths=(),  # corpus="files": paths or globs
             tfds_name="",  # corpus="tfds": a prepared text dataset
-            text_feature="text",
+            text_feature="text",  # corpus="tfds": the feature holding the text
             max_documents=config_dict.placeholder(int),  # keep only this many documents
-            validation_fraction=0.02,
+            validation_fraction=0.02,  # share of documents held out for evaluation
             include_tests=False,  # stdlib: also the test suites
             data_dir=config_dict.placeholder(str),  # tfds data_dir (None: ~/tensorflow_datasets)
             seed=0,  # shuffling of the training sequences
         )
     )
-    config.init_from = config_dict.placeholder(str)
-    config.init_from_hf = config_dict.placeholder(str)
-    config.freeze_backbone = False
+    config.init_from = config_dict.placeholder(str)  # workdir of a run to start from
+    config.init_from_hf = config_dict.placeholder(str)  # HF Qwen2/Qwen2.5 checkpoint dir
+    config.freeze_backbone = False  # True: train only prefixes + aggregator
 
+    # Fields and defaults in configs/common.py.
     config.optim = common.optim_section(
-        lr=1e-3,
-        warmup_steps=100,
-        end_lr=1e-5,
-        b1=0.9,
-        b2=0.95,
-        weight_decay=0.1,
+        lr=1e-3,  # peak learning rate
+        warmup_steps=100,  # linear warm-up from 0 to lr
+        end_lr=1e-5,  # end of the cosine decay
+        b1=0.9,  # Adam beta1
+        b2=0.95,  # Adam beta2
+        weight_decay=0.1,  # AdamW's decoupled weight decay
         # Norms, biases, prefixes and embeddings are not decayed.
         weight_decay_exclude=("weight$", "bias$", "prefix_[kv]$", "embedding$"),
-        clip="global_norm",
-        max_grad_norm=1.0,
+        clip="global_norm",  # clip the global gradient norm ...
+        max_grad_norm=1.0,  # ... to 1
     )
     config.train = common.train_section(
-        total_steps=1000,
-        batch_size=16,
-        log_every=50,
-        eval_every=250,
-        eval_batches=8,
-        checkpoint_every=250,
+        total_steps=1000,  # optimiser steps
+        batch_size=16,  # sequences per step (global, over all devices)
+        log_every=50,  # steps between log lines
+        eval_every=250,  # steps between evaluations (0: none)
+        eval_batches=8,  # validation batches per evaluation
+        checkpoint_every=250,  # steps between checkpoints
     )
-    config.mesh = common.mesh_section()
+    config.mesh = common.mesh_section()  # data parallel over every device
 
-    if arg in (None, "", "tiny"):
+    if arg in (None, ""):
         return config
-    if arg == "test":
-        _test(config)
-    elif arg in SCALING_SIZES:
-        _paper(config, *SCALING_SIZES[arg])
-        config.train.total_steps = round(42e9 / PAPER_TOKENS_PER_STEP)  # 20,027
-    elif arg == "1.8b":
-        _paper(config, *SCALING_SIZES["s3"])
-        config.train.total_steps = round(1e12 / PAPER_TOKENS_PER_STEP)  # 476,837
-    elif arg == "1.8b-stage2":
-        _paper(config, *SCALING_SIZES["s3"])
-        config.model.parscale_n = 8
-        config.train.total_steps = round(20e9 / PAPER_TOKENS_PER_STEP)  # 9,537
-        config.optim.warmup_steps = 500
-    elif arg in QWEN25:
-        _recycle(config, QWEN25[arg])
-    else:
-        names = ", ".join(["tiny", "test", *SCALING_SIZES, "1.8b", "1.8b-stage2", *QWEN25])
+    if arg not in PRESETS:
+        names = ", ".join(PRESETS)
         raise ValueError(f"unknown preset {arg!r} for configs/parscale_lm.py; use one of {names}")
+    for key, value in PRESETS[arg].items():
+        if isinstance(value, dict):
+            config[key].update(value)
+        else:
+            config[key] = value
     return config
-
-
-def _paper(config: ml_collections.ConfigDict, hidden: int, intermediate: int) -> None:
-    """The released from-scratch architecture (parscale.md §3.1) at one width."""
-    config.model.update(
-        vocab_size=QWEN_VOCAB,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        dtype="bfloat16",
-    )
-    config.task.update(seq_len=2048, tokenizer=None)
-    config.optim.update(lr=3e-4, warmup_steps=2000, end_lr=3e-5)
-    config.train.update(
-        batch_size=1024, log_every=100, eval_every=2000, eval_batches=16, checkpoint_every=2000
-    )
-
-
-def _recycle(config: ml_collections.ConfigDict, arch: tuple[int, int, int, int, int]) -> None:
-    """PEFT recycling (parscale.md §7b): a frozen Qwen2.5 backbone from --config.init_from_hf,
-    P = 2 new prefix sets + aggregator trained on 2048-token sequences."""
-    hidden, intermediate, layers, heads, kv_heads = arch
-    _paper(config, hidden, intermediate)
-    config.model.update(
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        rope_theta=1_000_000.0,
-        max_position_embeddings=32768,
-        parscale_n=2,
-    )
-    config.freeze_backbone = True
-    config.optim.update(warmup_steps=200)
-    config.train.total_steps = 10_000
-
-
-def _test(config: ml_collections.ConfigDict) -> None:
-    """Seconds-long runs for the test suite (the real model and data pipeline, just small)."""
-    config.model.update(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        parscale_n_tokens=8,
-    )
-    config.task.update(seq_len=32, max_documents=20)
-    config.optim.update(lr=3e-3, warmup_steps=5)
-    config.train.update(
-        total_steps=30,
-        batch_size=8,
-        log_every=5,
-        eval_every=0,
-        eval_batches=2,
-        checkpoint_every=10,
-    )

@@ -55,37 +55,35 @@ def unet_widths(d_model: int, depth: int, minimum_width: int = 16) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class CTMConfig:
-    """Arguments of the reference `ContinuousThoughtMachine` constructor, plus the variant.
+    """Arguments of the reference `ContinuousThoughtMachine` constructor (same names), plus the
+    variant and `remat_ticks`. Each field is explained where it is defined below."""
 
-    `variant='sort'` is the reference's ContinuousThoughtMachineSORT: no attention and no action
-    synchronisation; each tick's synapse input is concat(raw input, z); the decay clamp sits inside
-    autograd (no straight-through gradient, no projection of stored params).
-    """
-
-    iterations: int
-    d_model: int
-    d_input: int
-    heads: int
-    n_synch_out: int
-    n_synch_action: int
-    synapse_depth: int
-    memory_length: int
-    deep_nlms: bool
-    memory_hidden_dims: int
-    do_layernorm_nlm: bool
-    backbone_type: str
-    positional_embedding_type: str
-    out_dims: int
-    prediction_reshaper: tuple[int, ...] = (-1,)
-    dropout: float = 0.0
-    dropout_nlm: float | None = None
-    neuron_select_type: str = "random-pairing"
-    n_random_pairing_self: int = 0
-    variant: str = "ctm"
-    # Not a reference argument: recompute each tick's activations in the backward pass instead of
-    # storing them. Same numbers; on CPU about 2x faster train steps (stacking per-tick residuals
-    # is memory-bound) and far less memory for long tick counts.
-    remat_ticks: bool = True
+    iterations: int  # internal ticks T per forward pass
+    d_model: int  # neurons D (width of the recurrent state z)
+    d_input: int  # width of the attention keys/values/query (backbone features projected to it)
+    heads: int  # attention heads; must divide d_input (0 for the sort variant)
+    n_synch_out: int  # n neurons in the output synchronisation: n(n+1)/2 pairs (random-pairing: n)
+    n_synch_action: int  # the same for the action synchronisation (the attention query's input)
+    synapse_depth: int  # 1: Linear-GLU-LayerNorm synapses; > 1: a U-Net of that depth
+    memory_length: int  # M, pre-activation history length each neuron-level model sees
+    deep_nlms: bool  # True: 2-layer neuron-level models (M -> H -> 1); False: one linear (M -> 1)
+    memory_hidden_dims: int  # H, hidden width of the deep neuron-level models
+    do_layernorm_nlm: bool  # LayerNorm each neuron-level model's input history
+    backbone_type: str  # input featuriser: none, parity_backbone, resnet{18..152}-{1..4}, ...
+    positional_embedding_type: str  # added to the features: none, (multi-)learnable-fourier, ...
+    out_dims: int  # prediction logits per tick
+    prediction_reshaper: tuple[int, ...] = (-1,)  # logits -> (..., classes) for the certainty
+    dropout: float = 0.0  # dropout rate in [0, 1) of the attention and the synapses
+    dropout_nlm: float | None = None  # neuron-level models' dropout; None: same as dropout
+    neuron_select_type: str = "random-pairing"  # first-last | random | random-pairing
+    n_random_pairing_self: int = 0  # random-pairing: first k pairs are self pairs (i, i)
+    # 'sort' is the reference's ContinuousThoughtMachineSORT: no attention and no action
+    # synchronisation; each tick's synapse input is concat(raw input, z); the decay clamp sits
+    # inside autograd (no straight-through gradient, no projection of stored params).
+    variant: str = "ctm"  # ctm | sort
+    # Same numbers either way; on CPU about 2x faster train steps (stacking per-tick residuals is
+    # memory-bound) and far less memory for long tick counts.
+    remat_ticks: bool = True  # not a reference argument: recompute ticks in the backward pass
 
     def __post_init__(self) -> None:
         object.__setattr__(

@@ -10,7 +10,6 @@ checkpoint into a training workdir is `python -m launch.import_ctm_checkpoint`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,66 +21,25 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from core.errors import CheckpointMismatchError
 from ctm_jax.config import IMAGE_BACKBONES, CTMConfig
 from ctm_jax.model import CTM
+from ctm_jax.param_table import PARAM_TABLE
 
-# Flax module path (dot-joined, scan scope removed) -> reference module path, applied in order.
-_MODULE_RULES: list[tuple[str, str]] = [
-    (r"^trace_processor\.nlm_0\.", "trace_processor.0.0."),
-    (r"^trace_processor\.nlm_1\.", "trace_processor.0.2."),
-    (r"^synapses\.linear\.dense\.", "synapses.1."),
-    (r"^synapses\.norm\.", "synapses.3."),
-    (r"^synapses\.first_projection\.dense\.", "synapses.first_projection.0."),
-    (r"^synapses\.first_norm\.", "synapses.first_projection.1."),
-    (r"^synapses\.down_(\d+)\.dense\.", r"synapses.down_projections.\1.1."),
-    (r"^synapses\.down_norm_(\d+)\.", r"synapses.down_projections.\1.2."),
-    (r"^synapses\.up_(\d+)\.dense\.", r"synapses.up_projections.\1.1."),
-    (r"^synapses\.up_norm_(\d+)\.", r"synapses.up_projections.\1.2."),
-    (r"^synapses\.skip_norm_(\d+)\.", r"synapses.skip_lns.\1."),
-    (r"^kv_proj\.dense\.", "kv_proj.0."),
-    (r"^kv_norm\.", "kv_proj.1."),
-    (r"^q_proj\.dense\.", "q_proj."),
-    (r"^output_projector\.dense\.", "output_projector.0."),
-    (r"^attention\.out\.", "attention.out_proj."),
-    (r"^positional_embedding\.embedder_(\d+)\.", r"positional_embedding.embedders.\1."),
-    (r"\.mlp_0\.dense\.", ".mlp.0."),
-    (r"\.mlp_1\.dense\.", ".mlp.2."),
-    (r"\.mlp_norm\.", ".mlp.3."),
-    # Image backbones: torchvision ResNet names and the reference's ShallowWide Sequential.
-    (r"^backbone\.layer(\d+)_(\d+)\.", r"backbone.layer\1.\2."),
-    (r"\.downsample_(\d+)\.", r".downsample.\1."),
-    (r"^backbone\.layers_(\d+)\.", r"backbone.layers.\1."),
-]
 # Variable collections that hold reference state-dict entries ('batch_stats': BatchNorm running
 # statistics under torch's leaf names, including the `num_batches_tracked` counter).
 _COLLECTIONS = ("params", "batch_stats", "buffers")
-# Leaf renames; Dense kernels are also transposed.
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
-# The three parts of torch's packed attention in-projection, in row order.
-_IN_PROJ_PARTS = {
-    ("attention", "query"): 0,
-    ("attention_kv", "key"): 1,
-    ("attention_kv", "value"): 2,
-}
+# The one config-dependent reference name (not a path mapping, so not in PARAM_TABLE): the
+# reference's custom-rotational embedding wraps its projection Linear in a Sequential.
+_SEQUENTIAL_PROJECTION = ("positional_embedding.projection.", "positional_embedding.projection.0.")
 
 
 def torch_key(path: tuple[str, ...], config: CTMConfig) -> tuple[str, int | None]:
-    """The reference state-dict key of a Flax leaf, and its in_proj part (None if unpacked)."""
-    names = [p for p in path if p != "ticks"]
-    module, leaf = tuple(names[:-1]), names[-1]
-    if module in _IN_PROJ_PARTS:
-        suffix = "weight" if leaf == "kernel" else "bias"
-        return f"attention.in_proj_{suffix}", _IN_PROJ_PARTS[module]
-    dotted = ".".join(module) + "." if module else ""
-    for pattern, replacement in _MODULE_RULES:
-        dotted = re.sub(pattern, replacement, dotted)
+    """The reference state-dict key of a Flax variable path, and its in_proj part (None if
+    unpacked), from `ctm_jax.param_table.PARAM_TABLE`."""
+    key, part = PARAM_TABLE.reference_key(path)
     if config.positional_embedding_type == "custom-rotational":
-        dotted = dotted.replace(
-            "positional_embedding.projection.dense.", "positional_embedding.projection.0."
-        )
-    dotted = dotted.replace(
-        "positional_embedding.projection.dense.", "positional_embedding.projection."
-    )
-    leaf = _LEAF_NAMES.get(leaf, leaf) if module else leaf
-    return dotted + leaf, None
+        flat, sequential = _SEQUENTIAL_PROJECTION
+        if key.startswith(flat):
+            key = sequential + key[len(flat) :]
+    return key, part
 
 
 def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:

@@ -155,7 +155,7 @@ class CTM(nn.Module):
 
     config: CTMConfig
     dtype: Any = jnp.float32
-    # Logical axis names of every parameter, for train_lib.sharding.
+    # Logical axis names of every parameter, for the trainer's sharding (a path-regex table).
     param_axes: ClassVar = PARAM_AXES
 
     def featurise(self, x: Array, train: bool = False) -> Array:

@@ -33,7 +33,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from core.errors import ConfigError
+from core.errors import ConfigError, Error
+from launch import cli
 from train_lib import checkpointing, sharding, trainer
 
 # TPU generation -> (number of topology dimensions, HBM bytes per JAX device).
@@ -51,7 +52,7 @@ LIBTPU_HINT = (
 )
 
 
-class CompileError(Exception):
+class CompileError(Error):
     """An impossible request (topology, mesh, missing libtpu) or a failed compilation."""
 
 
@@ -314,17 +315,14 @@ flags.mark_flags_as_required(["config", "topology"])
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
+    cli.start(argv)
+    with cli.one_line_errors():
         topology = parse_topology(_TOPOLOGY.value)
         # Compile-only: never start a TPU backend (with libtpu installed JAX would look for chips).
         jax.config.update("jax_platforms", "cpu")
         if topology.platform == "cpu":
             jax.config.update("jax_num_cpu_devices", topology.num_devices)
         report = compile_train_step(_CONFIG.value, topology)
-    except (CompileError, ConfigError) as e:
-        raise SystemExit(f"error: {e}") from None
     print(format_report(report, config_flags.get_config_filename(flags.FLAGS["config"])))
     if not report.fits:
         raise SystemExit(

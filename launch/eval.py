@@ -137,7 +137,7 @@ def main(argv: Sequence[str]) -> None:
     cli.start(argv)
     with cli.one_line_errors():
         workdir = Path(_WORKDIR.value)
-        exp, variables, step = load_run(workdir, MazeTask, tool="launch.eval")
+        exp, variables, step = load_run(workdir, MazeTask, kind="maze", tool="launch.eval")
         config, task = exp.config, exp.task
         model = task.build_model()
         trained_side, route_length = maze_data.PRESETS[task.size]

@@ -18,7 +18,7 @@ def visualise(
 ) -> dict[str, Any]:
     """Writes route.png, attention.gif and certainty.png for eval example `index`; returns their
     paths and the example's metrics (solved, steps, step_accuracy, most_certain_tick, step)."""
-    exp, variables, step = load_run(workdir, MazeTask, tool="launch.visualise")
+    exp, variables, step = load_run(workdir, MazeTask, kind="maze", tool="launch.visualise")
     task: MazeTask = exp.task
     out = Path(out if out is not None else workdir)
     batch = dict(task.dataset("eval", batch_size=1)[int(index)])

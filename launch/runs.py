@@ -10,15 +10,19 @@ from train_lib import trainer
 
 
 def load_run(
-    workdir: str | Path, task_type: type | tuple[type, ...] | None = None, *, tool: str = ""
+    workdir: str | Path,
+    task_type: type | tuple[type, ...] | None = None,
+    *,
+    kind: str = "",
+    tool: str = "",
 ) -> tuple[trainer.Experiment, dict[str, Any], int]:
     """(experiment, model variables {'params': ..., <collections>}, step) of the latest
     checkpoint of a training workdir; read-only. ConfigError when its task is not a `task_type`
-    (`tool` names the launcher in that message)."""
+    (`kind` names what was expected, e.g. 'maze'; `tool` the launcher)."""
     exp, state, step = trainer.restore_run(workdir)
     if task_type is not None and not isinstance(exp.task, task_type):
         types = task_type if isinstance(task_type, tuple) else (task_type,)
-        wanted = " or ".join(t.__name__ for t in types)
+        wanted = kind or " or ".join(t.__name__ for t in types)
         raise ConfigError(
             f"--workdir={str(workdir)!r} is invalid: it is a {exp.config.task.name!r} run, not a "
             f"{wanted} run{f' ({tool} reads those only)' if tool else ''}"

@@ -1,24 +1,29 @@
 """Cloud TPU VM lifecycle through gcloud: create, setup, train, logs, delete.
 
-    python -m launch.tpu_vm create my-tpu --zone=us-west4-a --accelerator-type=v5litepod-16 --spot
+    python -m launch.tpu_vm create my-tpu --zone=us-west4-a --accelerator_type=v5litepod-16 --spot
     python -m launch.tpu_vm setup my-tpu --zone=us-west4-a
     python -m launch.tpu_vm train my-tpu --zone=us-west4-a --config=configs/ctm_maze.py:large \\
         --workdir=gs://my-bucket/maze_large -- --config.train.batch_size=128
     python -m launch.tpu_vm logs my-tpu --zone=us-west4-a
     python -m launch.tpu_vm delete my-tpu --zone=us-west4-a
 
-`--dry-run` (before or after the subcommand) prints the exact commands, one per line, shell-quoted,
-instead of running them. `setup` copies this checkout (git's tracked and untracked-but-not-ignored
-files) to every worker, or clones `--repo` at `--ref`, installs Python 3.12 (deadsnakes; the TPU
-images ship 3.10), and builds a venv with requirements.txt plus `jax[tpu]` at the version pinned in
-requirements.txt. `train` starts the same `python -m launch.train --multihost ...` on every worker
-in the background (nohup, log file, pid file); re-running it after a preemption resumes from the
-latest checkpoint in the gs:// workdir.
+The subcommand and the TPU name are positional; flags may come before or after them, and `--help`
+lists the flags with the subcommands they belong to. `train` passes its `--config.FIELD=VALUE`
+overrides (before or after `--`) on to launch.train, in order. `--dry_run` prints the exact
+commands, one per line, shell-quoted, instead of running them. `setup` copies this checkout
+(git's tracked and untracked-but-not-ignored files) to every worker, or clones `--repo` at
+`--ref`, installs Python 3.12 (deadsnakes; the TPU images ship 3.10), and builds a venv with
+requirements.txt plus `jax[tpu]` at the version pinned in requirements.txt. `train` starts the
+same `python -m launch.train --multihost ...` on every worker in the background (nohup, log file,
+pid file); re-running it after a preemption resumes from the latest checkpoint in the gs:// workdir.
+
+A failed gcloud command or a bad value is one `error: ...` line and exit status 1; a wrong
+command line (unknown subcommand, missing name or flag) prints this usage and exits 1.
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
 import re
 import shlex
 import shutil
@@ -27,6 +32,11 @@ import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from absl import app, flags
+
+from core.errors import Error
+from launch import cli
 
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_DIR = "compute-scaling-jax"  # under the worker's home directory
@@ -48,8 +58,8 @@ RUNTIME_VERSIONS = {
 _CHIP_COUNTS = (1, 4, 8, 16, 32, 64, 128, 256)
 
 
-class TpuVmError(Exception):
-    """A bad argument or a failed command; the CLI prints it as one `error: ...` line."""
+class TpuVmError(Error):
+    """A failed gcloud command or a bad argument value; main prints it as one `error: ...` line."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,18 +90,18 @@ def validate_accelerator_type(accelerator_type: str) -> str:
     known = ", ".join(RUNTIME_VERSIONS)
     if generation not in RUNTIME_VERSIONS:
         raise TpuVmError(
-            f"--accelerator-type={accelerator_type!r} is invalid: expected GENERATION-SIZE with "
+            f"--accelerator_type={accelerator_type!r} is invalid: expected GENERATION-SIZE with "
             f"GENERATION one of {known} (e.g. v5litepod-8, v5p-16, v6e-8)"
         )
     if generation in ("v5litepod", "v6e"):
         if size not in _CHIP_COUNTS:
             raise TpuVmError(
-                f"--accelerator-type={accelerator_type!r} is invalid: {generation} slices have "
+                f"--accelerator_type={accelerator_type!r} is invalid: {generation} slices have "
                 f"{', '.join(map(str, _CHIP_COUNTS))} chips"
             )
     elif size < 8 or size % 8:
         raise TpuVmError(
-            f"--accelerator-type={accelerator_type!r} is invalid: {generation} sizes count "
+            f"--accelerator_type={accelerator_type!r} is invalid: {generation} sizes count "
             "TensorCores and are multiples of 8 (e.g. v4-8, v5p-16)"
         )
     return accelerator_type
@@ -362,122 +372,240 @@ def run_commands(commands: Sequence[Sequence[str]], *, dry_run: bool) -> None:
             ) from e
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("name", help="TPU VM name")
-    common.add_argument("--zone", required=True, help="e.g. us-central2-b")
-    common.add_argument("--project", help="Google Cloud project (default: gcloud's)")
-    common.add_argument(
-        "--dry-run",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="print the commands instead of running them",
-    )
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.tpu_vm", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------------------------------------
+# Command line (absl, with the flags in a private FlagValues; see the module docstring)
 
-    p = sub.add_parser("create", parents=[common], help="create a TPU VM (slice)")
-    p.add_argument("--accelerator-type", required=True, help="v5litepod-8, v5p-16, v6e-8, ...")
-    p.add_argument("--version", help="runtime; default: the generation's (e.g. v2-alpha-tpuv6e)")
-    kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--spot", action="store_true", help="spot VM (cheaper, preemptible)")
-    kind.add_argument("--preemptible", action="store_true", help="legacy preemptible VM")
+PROG = "python -m launch.tpu_vm"
+# The flags live in a private FlagValues, not in absl's global FLAGS: --config and --workdir would
+# collide with launch.train's when both modules are imported in one process (a test run).
+FV = flags.FlagValues()
 
-    p = sub.add_parser("setup", parents=[common], help="copy the project and install on workers")
-    p.add_argument("--repo", help="git URL to clone on the workers instead of copying this tree")
-    p.add_argument("--ref", help="branch, tag or commit of --repo (default: its HEAD)")
+_ZONE = flags.DEFINE_string(
+    "zone", None, "[all] Compute Engine zone, e.g. us-central2-b.", flag_values=FV
+)
+_PROJECT = flags.DEFINE_string(
+    "project", None, "[all] Google Cloud project (default: gcloud's).", flag_values=FV
+)
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "[all] Print the commands instead of running them.", flag_values=FV
+)
+_ACCELERATOR_TYPE = flags.DEFINE_string(
+    "accelerator_type", None, "[create] v5litepod-8, v5p-16, v6e-8, ...", flag_values=FV
+)
+_VERSION = flags.DEFINE_string(
+    "version",
+    None,
+    "[create] Runtime; default: the generation's (e.g. v2-alpha-tpuv6e).",
+    flag_values=FV,
+)
+_SPOT = flags.DEFINE_bool("spot", False, "[create] Spot VM (cheaper, preemptible).", flag_values=FV)
+_PREEMPTIBLE = flags.DEFINE_bool(
+    "preemptible", False, "[create] Legacy preemptible VM (not with --spot).", flag_values=FV
+)
+_REPO = flags.DEFINE_string(
+    "repo",
+    None,
+    "[setup] Git URL to clone on the workers instead of copying this tree.",
+    flag_values=FV,
+)
+_REF = flags.DEFINE_string(
+    "ref", None, "[setup] Branch, tag or commit of --repo (default: its HEAD).", flag_values=FV
+)
+_CONFIG = flags.DEFINE_string(
+    "config",
+    None,
+    "[train] Config file and preset, e.g. configs/ctm_maze.py:large.",
+    flag_values=FV,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "[train] gs://BUCKET/PATH shared by the workers.", flag_values=FV
+)
+_LOG_FILE = flags.DEFINE_string(
+    "log_file",
+    LOG_FILE,
+    f"[train, logs] Log file under ~/{REMOTE_DIR}/ on each worker.",
+    flag_values=FV,
+)
+_WORKER = flags.DEFINE_string("worker", "0", "[logs] Worker index or 'all'.", flag_values=FV)
+_LINES = flags.DEFINE_integer("lines", 100, "[logs] Lines to print first.", flag_values=FV)
+_FOLLOW = flags.DEFINE_bool("follow", False, "[logs] Keep printing (tail -F).", flag_values=FV)
 
-    p = sub.add_parser("train", parents=[common], help="start launch.train on every worker")
-    p.add_argument("--config", required=True, help="e.g. configs/ctm_maze.py:large")
-    p.add_argument("--workdir", required=True, help="gs://BUCKET/PATH shared by the workers")
-    p.add_argument("--log-file", default=LOG_FILE, help=f"under ~/{REMOTE_DIR}/ on each worker")
-    p.epilog = "Config overrides (--config.FIELD=VALUE) follow, optionally after `--`."
-
-    p = sub.add_parser("logs", parents=[common], help="tail the training log")
-    p.add_argument("--worker", default="0", help="worker index or 'all' (default 0)")
-    p.add_argument("--lines", type=int, default=100)
-    p.add_argument("--follow", action="store_true", help="keep printing (tail -F)")
-    p.add_argument("--log-file", default=LOG_FILE)
-
-    sub.add_parser("delete", parents=[common], help="delete the TPU VM")
-    return parser
-
-
-def commands_for(args: argparse.Namespace) -> list[list[str]]:
-    """The gcloud commands a parsed command line stands for."""
-    if args.command == "create":
-        return create_commands(
-            args.name,
-            args.zone,
-            args.accelerator_type,
-            args.version,
-            spot=args.spot,
-            preemptible=args.preemptible,
-            project=args.project,
-        )
-    if args.command == "setup":
-        return setup_commands(
-            args.name, args.zone, repo=args.repo, ref=args.ref, project=args.project
-        )
-    if args.command == "train":
-        return train_commands(
-            args.name,
-            args.zone,
-            args.config,
-            args.workdir,
-            args.overrides,
-            project=args.project,
-            log_file=args.log_file,
-        )
-    if args.command == "logs":
-        return logs_commands(
-            args.name,
-            args.zone,
-            worker=args.worker,
-            lines=args.lines,
-            follow=args.follow,
-            project=args.project,
-            log_file=args.log_file,
-        )
-    return delete_commands(args.name, args.zone, project=args.project)
+# Subcommand -> the flags it needs; flag -> the subcommands it belongs to (absent: all of them).
+REQUIRED = {
+    "create": ("zone", "accelerator_type"),
+    "setup": ("zone",),
+    "train": ("zone", "config", "workdir"),
+    "logs": ("zone",),
+    "delete": ("zone",),
+}
+_OWNERS = {
+    "accelerator_type": ("create",),
+    "version": ("create",),
+    "spot": ("create",),
+    "preemptible": ("create",),
+    "repo": ("setup",),
+    "ref": ("setup",),
+    "config": ("train",),
+    "workdir": ("train",),
+    "log_file": ("train", "logs"),
+    "worker": ("logs",),
+    "lines": ("logs",),
+    "follow": ("logs",),
+}
+_HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+_OVERRIDE_PREFIX = "--config."
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses the command line; `train` keeps its `--config.FIELD=VALUE` overrides in order."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def help_text() -> str:
+    return f"{__doc__}\nflags:\n{FV.get_help(include_special_flags=False)}\n"
+
+
+def parse_flags(
+    argv: Sequence[str], absl_flags: flags.FlagValues | None = flags.FLAGS
+) -> list[str]:
+    """absl `flags_parser` (argv[0] first): parses FV, then `absl_flags` (absl's own: --verbosity,
+    ...; None: no other flags are known, for an in-process call).
+
+    Returns [argv[0], *positionals, *overrides]: the positionals in order (subcommand, name, any
+    strays), then the `--config.FIELD=VALUE` arguments found before `--` and everything after
+    `--`, in order. Those are set aside before absl parses, which would reject them as unknown
+    flags. A flag error prints absl's `FATAL Flags parsing error` line and exits 1."""
+    program, *args = argv
     after_dashes: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, after_dashes = argv[:cut], argv[cut + 1 :]
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    extra = [*unknown, *after_dashes]
-    if extra and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    if "--" in args:
+        cut = args.index("--")
+        args, after_dashes = args[:cut], args[cut + 1 :]
+    if any(a in _HELP_ARGS for a in args):
+        print(help_text(), end="")
+        if "--helpfull" in args:
+            print(flags.FLAGS.get_help())
+        sys.exit(0)
+    overrides = [a for a in args if a.startswith(_OVERRIDE_PREFIX)]
+    args = [a for a in args if not a.startswith(_OVERRIDE_PREFIX)]
     try:
-        commands = commands_for(args)
-        if args.command == "setup" and not args.repo:
+        rest = FV([program, *args], known_only=True)
+        if absl_flags is not None:
+            rest = absl_flags(rest, known_only=True)
+        unknown = [a for a in rest[1:] if a.startswith("-") and a != "-"]
+        if unknown:
+            name = unknown[0].lstrip("-").split("=", 1)[0]
+            known = [*FV, *(absl_flags or ())]
+            raise flags.UnrecognizedFlagError(
+                name, unknown[0], suggestions=difflib.get_close_matches(name, known, n=3)
+            )
+    except flags.Error as e:
+        sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+        sys.stderr.write("Pass --help to see the flags.\n")
+        sys.exit(1)
+    return [*rest, *overrides, *after_dashes]
+
+
+def check_usage(argv: Sequence[str]) -> tuple[str, str, list[str]]:
+    """(subcommand, name, overrides) of a parsed command line; app.UsageError if it is wrong."""
+    commands = ", ".join(REQUIRED)
+    if len(argv) < 2:
+        raise app.UsageError(f"missing subcommand: one of {commands}")
+    command = argv[1]
+    if command not in REQUIRED:
+        raise app.UsageError(f"unknown subcommand {command!r}: expected one of {commands}")
+    if len(argv) < 3:
+        raise app.UsageError(f"missing TPU name: {PROG} {command} NAME --zone=ZONE ...")
+    name, extra = argv[2], list(argv[3:])
+    if extra and command != "train":
+        raise app.UsageError(
+            f"unrecognized arguments: {' '.join(extra)} (only train passes arguments on)"
+        )
+    for flag, owners in _OWNERS.items():
+        if FV[flag].present and command not in owners:
+            raise app.UsageError(
+                f"--{flag} is not a flag of {command} (only of {', '.join(owners)})"
+            )
+    missing = [f"--{flag}" for flag in REQUIRED[command] if FV[flag].value is None]
+    if missing:
+        raise app.UsageError(f"{command} needs {' and '.join(missing)}")
+    if _SPOT.value and _PREEMPTIBLE.value:
+        raise app.UsageError("--spot is not allowed with --preemptible (spot is the newer kind)")
+    return command, name, extra
+
+
+def commands_for(command: str, name: str, overrides: Sequence[str] = ()) -> list[list[str]]:
+    """The gcloud commands a parsed command line stands for."""
+    zone, project = _ZONE.value, _PROJECT.value
+    if command == "create":
+        return create_commands(
+            name,
+            zone,
+            _ACCELERATOR_TYPE.value,
+            _VERSION.value,
+            spot=_SPOT.value,
+            preemptible=_PREEMPTIBLE.value,
+            project=project,
+        )
+    if command == "setup":
+        return setup_commands(name, zone, repo=_REPO.value, ref=_REF.value, project=project)
+    if command == "train":
+        return train_commands(
+            name,
+            zone,
+            _CONFIG.value,
+            _WORKDIR.value,
+            overrides,
+            project=project,
+            log_file=_LOG_FILE.value,
+        )
+    if command == "logs":
+        return logs_commands(
+            name,
+            zone,
+            worker=_WORKER.value,
+            lines=_LINES.value,
+            follow=_FOLLOW.value,
+            project=project,
+            log_file=_LOG_FILE.value,
+        )
+    return delete_commands(name, zone, project=project)
+
+
+def main(argv: Sequence[str]) -> None:
+    """absl main; `argv` is what `parse_flags` returns."""
+    cli.start(argv, positional=True)
+    command, name, overrides = check_usage(argv)
+    with cli.one_line_errors():
+        commands = commands_for(command, name, overrides)
+        if command == "setup" and not _REPO.value:
             tarball = Path(commands[0][5])
-            if args.dry_run:
+            if _DRY_RUN.value:
                 print(f"# pack this checkout (git ls-files: tracked + untracked) into {tarball}")
             else:
                 count = pack_project(tarball)
                 print(f"packed {count} files of {REPO} into {tarball}", flush=True)
-        run_commands(commands, dry_run=args.dry_run)
-    except TpuVmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        run_commands(commands, dry_run=_DRY_RUN.value)
+
+
+def run(argv: Sequence[str]) -> int:
+    """In-process `python -m launch.tpu_vm ARGV...` (argv without the program name): the same
+    parser and main as `app.run`; returns 0, or 1 after printing the `error: ...` line. A usage
+    or flag error prints absl's usage (or flag error) and raises SystemExit, as on the command
+    line. absl's global FLAGS are the host process's and stay untouched (parsing them would run
+    the validators of every launcher it imported, e.g. launch.train's required --workdir), so
+    absl's own flags (-v, ...) are unknown here. FV is reset afterwards, so calls do not leak
+    values into each other."""
+    try:
+        parsed = parse_flags([PROG, *argv], absl_flags=None)
+        try:
+            main(parsed)
+        except app.UsageError as e:  # what app.run prints: the docstring, then the error
+            sys.stderr.write(f"{__doc__}\n{e}\n")
+            raise SystemExit(e.exitcode) from None
+        except SystemExit as e:
+            if not isinstance(e.code, str):
+                raise
+            print(e.code, file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        FV.unparse_flags()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main, flags_parser=parse_flags)

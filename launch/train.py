@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import cli
-from train_lib.trainer import log, train_and_evaluate
+from train_lib.trainer import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -53,9 +53,13 @@ def main(argv: Sequence[str]) -> None:
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-        log(
-            f"process {jax.process_index()} of {jax.process_count()}: "
-            f"{jax.local_device_count()} local of {jax.device_count()} devices"
+        # Every process logs this one (the trainer's own lines are process 0's).
+        logging.info(
+            "process %d of %d: %d local of %d devices",
+            jax.process_index(),
+            jax.process_count(),
+            jax.local_device_count(),
+            jax.device_count(),
         )
     elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
         raise app.UsageError("--coordinator_address/--num_processes/--process_id need --multihost")

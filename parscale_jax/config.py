@@ -15,27 +15,27 @@ MODEL_TYPES = ("qwen2", "qwen2_parscale")
 class ParScaleConfig:
     """A Qwen2-family decoder with P parallel streams (P = `parscale_n`; P = 1 is plain Qwen2).
 
-    Field names follow HF's Qwen2Config / Qwen2ParScaleConfig. `parscale_attn_smooth` defaults to
-    the class default 0.01 of the reference configuration class; every released checkpoint says
-    0.1, so always take it from the checkpoint's config.json.
+    Field names and defaults follow HF's Qwen2Config / Qwen2ParScaleConfig; each field is
+    explained where it is defined below.
     """
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int | None = None
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 32768
-    tie_word_embeddings: bool = False
-    parscale_n: int = 1
-    parscale_n_tokens: int = 48
-    parscale_attn_smooth: float = 0.01
-    # Not HF fields: computation dtype of activations ('float32' or 'bfloat16').
-    dtype: str = "float32"
+    vocab_size: int  # token ids, i.e. rows of the embedding (and of the LM head)
+    hidden_size: int  # model width H (residual stream)
+    intermediate_size: int  # width of each layer's SwiGLU MLP
+    num_hidden_layers: int  # decoder layers
+    num_attention_heads: int  # query heads per layer
+    num_key_value_heads: int  # key/value heads (grouped-query attention); divides the query heads
+    head_dim: int | None = None  # per-head width (even, for RoPE); None: hidden_size // query heads
+    rope_theta: float = 10000.0  # RoPE base frequency
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    max_position_embeddings: int = 32768  # longest sequence (tokens) the model accepts
+    tie_word_embeddings: bool = False  # the LM head reuses the input embedding matrix
+    parscale_n: int = 1  # P, parallel streams (1: plain Qwen2, no prefixes or aggregator)
+    parscale_n_tokens: int = 48  # learned prefix tokens per stream, per layer's keys/values
+    # The reference configuration class defaults to 0.01, but every released checkpoint says 0.1,
+    # so always take it from the checkpoint's config.json.
+    parscale_attn_smooth: float = 0.01  # eps in [0, 1): stream weights w (1 - eps) + eps / P
+    dtype: str = "float32"  # not an HF field: activations' dtype, 'float32' or 'bfloat16'
 
     @property
     def kv_head_dim(self) -> int:

@@ -2,17 +2,10 @@
 
 The weight mapping only; `parscale_jax.oracle` checks the port against reference outputs.
 
-Key map (torch Linear weights are (out, in), Flax kernels (in, out)):
-  model.embed_tokens.weight                      embed_tokens/embedding
-  model.layers.{i}.input_layernorm.weight        layers_{i}/input_layernorm/weight
-  model.layers.{i}.self_attn.{q,k,v}_proj.*      layers_{i}/self_attn/{q,k,v}_proj/{kernel,bias}
-  model.layers.{i}.self_attn.o_proj.weight       layers_{i}/self_attn/o_proj/kernel
-  model.layers.{i}.self_attn.prefix_{k,v}        layers_{i}/self_attn/prefix_{k,v}  (P > 1)
-  model.layers.{i}.post_attention_layernorm.*    layers_{i}/post_attention_layernorm/weight
-  model.layers.{i}.mlp.{gate,up,down}_proj.*     layers_{i}/mlp/{gate,up,down}_proj/kernel
-  model.norm.weight                              norm/weight
-  model.aggregate_layer.{0,2}.*                  aggregate_layer/dense_{0,1}/*       (P > 1)
-  lm_head.weight                                 lm_head/kernel        (absent when tied)
+Names: `parscale_jax/param_table.py` lists every module once, with its HF tensor name
+('model.layers.{i}.self_attn.q_proj.weight' <-> 'layers_{i}/self_attn/q_proj/kernel'); the
+ParScale prefixes and aggregator exist only when P > 1, lm_head only when untied. Layouts: torch
+Linear weights are (out, in), Flax kernels (in, out); everything else is copied as is.
 """
 
 from __future__ import annotations
@@ -33,26 +26,15 @@ from safetensors.numpy import load_file, save_file
 from core.errors import CheckpointMismatchError
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.model import ParScaleLM
+from parscale_jax.param_table import PARAM_TABLE
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
 def hf_key(path: tuple[str, ...]) -> str:
-    """HF tensor name of a Flax param path."""
-    *module, leaf = path
-    if module == ["embed_tokens"]:
-        return "model.embed_tokens.weight"
-    if module == ["lm_head"]:
-        return "lm_head.weight"
-    if module[0] == "aggregate_layer":
-        index = {"dense_0": "0", "dense_1": "2"}[module[1]]
-        return f"model.aggregate_layer.{index}.{'weight' if leaf == 'kernel' else leaf}"
-    parts = ["model"]
-    for name in module:
-        parts.append(f"layers.{name[len('layers_') :]}" if name.startswith("layers_") else name)
-    parts.append("weight" if leaf == "kernel" else leaf)
-    return ".".join(parts)
+    """HF tensor name of a Flax param path (from `parscale_jax.param_table.PARAM_TABLE`)."""
+    return PARAM_TABLE.reference_key(path)[0]
 
 
 def _is_kernel(path: tuple[str, ...]) -> bool:

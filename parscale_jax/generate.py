@@ -1,6 +1,6 @@
 """Cached generation for the ParScale LM: one jit-compiled prefill + decode loop.
 
-    python -m parscale_jax.generate --checkpoint DIR --prompt "def add(a, b):" --max-new-tokens 32
+The command line is `launch.generate` (`python -m launch.generate --checkpoint=DIR --prompt=...`).
 
 The prompt batch may be left-padded (attention_mask 0 on the pads). The cache is preallocated for
 prompt + new tokens and holds the P per-stream prefixes in front; the prefill computes logits only
@@ -10,18 +10,13 @@ top-p (nucleus) filtering. Sequences that emit a stop token are padded with `pad
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from core.errors import ConfigError
 from parscale_jax.config import ParScaleConfig
@@ -163,7 +158,7 @@ def at_parscale_n(
         return config, params
     if n != 1:
         raise ConfigError(
-            f"--parscale-n={n} is not possible with this checkpoint: its prefixes "
+            f"parscale_n={n} is not possible with this checkpoint: its prefixes "
             f"and aggregator were trained for P={config.parscale_n}; use 1 (the "
             f"shared backbone alone) or {config.parscale_n}"
         )
@@ -176,84 +171,3 @@ def at_parscale_n(
             value = {**value, "self_attn": attn}
         backbone[name] = value
     return dataclasses.replace(config, parscale_n=1), backbone
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tokenizers import Tokenizer  # (only the CLI needs it)
-
-    from parscale_jax.convert import load_checkpoint
-
-    parser = argparse.ArgumentParser(
-        prog="python -m parscale_jax.generate", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--checkpoint", required=True, help="HF checkpoint directory")
-    parser.add_argument(
-        "--prompt", required=True, action="append", help="prompt text (repeat the flag for a batch)"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument(
-        "--parscale-n",
-        type=int,
-        default=None,
-        help="run with this many streams (default: the checkpoint's)",
-    )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print ids and text as JSON")
-    args = parser.parse_args(argv)
-
-    directory = Path(args.checkpoint)
-    tokenizer_path = directory / "tokenizer.json"
-    if not tokenizer_path.exists():
-        parser.error(f"{tokenizer_path} does not exist: the checkpoint needs a tokenizer.json")
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    config, params = load_checkpoint(directory)
-    if args.parscale_n is not None:
-        try:
-            config, params = at_parscale_n(config, params, args.parscale_n)
-        except ValueError as err:
-            parser.error(str(err))
-    hf = json.loads((directory / "config.json").read_text())
-    stop = hf.get("eos_token_id")
-    stop_tokens = [stop] if isinstance(stop, int) else list(stop or [])
-
-    encoded = [tokenizer.encode(p).ids for p in args.prompt]
-    width = max(len(ids) for ids in encoded)
-    pad_id = int(hf.get("pad_token_id") or 0)
-    ids = np.full((len(encoded), width), pad_id, np.int32)
-    mask = np.zeros((len(encoded), width), np.int32)
-    for row, seq in enumerate(encoded):  # left padding
-        ids[row, width - len(seq) :] = seq
-        mask[row, width - len(seq) :] = 1
-    tokens = np.asarray(
-        generate(
-            config,
-            params,
-            ids,
-            mask,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            stop_tokens=stop_tokens,
-            pad_id=pad_id,
-            seed=args.seed,
-        )
-    )
-    for prompt, row in zip(args.prompt, tokens, strict=True):
-        new = [int(t) for t in row]
-        if stop_tokens:
-            ends = [i for i, t in enumerate(new) if t in stop_tokens]
-            new = new[: ends[0] + 1] if ends else new
-        text = tokenizer.decode(new)
-        if args.json:
-            print(json.dumps({"prompt": prompt, "ids": new, "text": text}))
-        else:
-            print(prompt + text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -184,7 +184,7 @@ class ParScaleLM(nn.Module):
     """Qwen2ForCausalLM / Qwen2ParScaleForCausalLM."""
 
     config: ParScaleConfig
-    # Logical axis names of every parameter, for train_lib.sharding.
+    # Logical axis names of every parameter, for the trainer's sharding (a path-regex table).
     param_axes: ClassVar = PARAM_AXES
 
     def setup(self) -> None:

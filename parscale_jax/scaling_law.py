@@ -1,6 +1,6 @@
 """Fit the ParScale parallel scaling law L(N, P) = (A / (N (k ln P + 1)))^alpha + E.
 
-The fit follows the paper's recipe (``../shared/reference/parscale.md`` §4): Huber loss with
+The fit follows the ParScale paper's recipe: Huber loss with
 ``delta = 1e-3`` on the log-loss residual ``log L_pred - log L_obs``, minimised with L-BFGS from a
 grid of starting points, keeping the start that reaches the lowest objective.
 
@@ -18,27 +18,28 @@ problem has four parameters and a few dozen points, so no JAX tracing or scipy i
 ``r2`` is the coefficient of determination on the loss itself (observed L vs predicted L); on the
 paper's tables it reproduces the reported 0.9978 (Stack) and 0.9987 (Pile).
 
-CLI::
+The command line is ``launch.fit_scaling_law``::
 
-    python -m parscale_jax.scaling_law --paper stack [--plot fit.png]
-    python -m parscale_jax.scaling_law --runs runs.json [--plot fit.png]
+    python -m launch.fit_scaling_law --paper=stack [--plot=fit.png]
+    python -m launch.fit_scaling_law --runs=runs.json [--plot=fit.png]
 
-prints a table of observed vs predicted losses and, as the last line, one JSON object.
+Malformed run files or data arrays raise ``core.errors.DataError``, a bad grid or delta
+``core.errors.ConfigError``; the message names the bad entry, field or option.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.errors import ConfigError, DataError
 
 DEFAULT_DELTA = 1e-3
 
@@ -58,10 +59,6 @@ PAPER_FITS: dict[str, dict[str, float]] = {
     "stack": {"E": 0.6912, "A": 1.131e7, "alpha": 0.1894, "k": 0.3935, "r2": 0.9978},
     "pile": {"E": 1.2888, "A": 1.974e8, "alpha": 0.1963, "k": 0.3345, "r2": 0.9987},
 }
-
-
-class ScalingLawInputError(ValueError):
-    """Raised for malformed run files or data arrays; the message names the bad entry/field."""
 
 
 @dataclass(frozen=True)
@@ -303,17 +300,17 @@ def _validate_arrays(N: Any, P: Any, L: Any) -> tuple[np.ndarray, np.ndarray, np
         if bad.size:
             i = int(bad[0])
             need = "a number >= 1" if name == "P" else "a positive finite number"
-            raise ScalingLawInputError(f"{name}[{i}] must be {need}, got {a[i]!r}")
+            raise DataError(f"{name}[{i}] must be {need}, got {a[i]!r}")
         arrs.append(a)
     n, p, loss = arrs
     if not (n.size == p.size == loss.size):
-        raise ScalingLawInputError(f"N, P, L differ in length: {n.size}, {p.size}, {loss.size}")
+        raise DataError(f"N, P, L differ in length: {n.size}, {p.size}, {loss.size}")
     if n.size < 5:
-        raise ScalingLawInputError(f"need at least 5 points to fit 4 constants, got {n.size}")
+        raise DataError(f"need at least 5 points to fit 4 constants, got {n.size}")
     if np.unique(p).size < 2:
-        raise ScalingLawInputError("need at least two distinct P values to identify k")
+        raise DataError("need at least two distinct P values to identify k")
     if np.unique(n).size < 2:
-        raise ScalingLawInputError("need at least two distinct N values to identify alpha")
+        raise DataError("need at least two distinct N values to identify alpha")
     return n, p, loss
 
 
@@ -335,9 +332,9 @@ def fit(
     grid = DEFAULT_GRID if grid is None else grid
     missing = {"e", "a", "alpha", "k"} - set(grid)
     if missing or not all(len(grid[key]) for key in ("e", "a", "alpha", "k")):
-        raise ScalingLawInputError(f"grid needs non-empty 'e', 'a', 'alpha', 'k'; got {grid!r}")
+        raise ConfigError(f"grid needs non-empty 'e', 'a', 'alpha', 'k'; got {grid!r}")
     if not delta > 0:
-        raise ScalingLawInputError(f"delta must be > 0, got {delta!r}")
+        raise ConfigError(f"delta must be > 0, got {delta!r}")
     logN0 = float(np.mean(np.log(n)))
     logN, lnP, logL = np.log(n) - logN0, np.log(p), np.log(loss)
 
@@ -382,37 +379,39 @@ def load_runs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ScalingLawInputError(f"{path}: not valid JSON ({err})") from err
+        raise DataError(f"{path}: not valid JSON ({err})") from err
+    except OSError as err:  # missing or unreadable: the OS's own message names the file
+        raise DataError(str(err)) from err
     if isinstance(data, dict):
         if "runs" not in data:
-            raise ScalingLawInputError(f"{path}: object without a 'runs' list")
+            raise DataError(f"{path}: object without a 'runs' list")
         data = data["runs"]
     if not isinstance(data, list):
-        raise ScalingLawInputError(f"{path}: expected a list of runs, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a list of runs, got {type(data).__name__}")
     n, p, loss = [], [], []
     for i, run in enumerate(data):
         where = f"{path}: runs[{i}]"
         if not isinstance(run, dict):
-            raise ScalingLawInputError(f"{where} must be an object, got {type(run).__name__}")
+            raise DataError(f"{where} must be an object, got {type(run).__name__}")
         for field in ("N", "P", "loss"):
             if field not in run:
-                raise ScalingLawInputError(f"{where} is missing field {field!r}")
+                raise DataError(f"{where} is missing field {field!r}")
             v = run[field]
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise ScalingLawInputError(f"{where}.{field} must be a finite number, got {v!r}")
+                raise DataError(f"{where}.{field} must be a finite number, got {v!r}")
         if run["N"] <= 0:
-            raise ScalingLawInputError(f"{where}.N must be > 0, got {run['N']!r}")
+            raise DataError(f"{where}.N must be > 0, got {run['N']!r}")
         if run["P"] < 1 or float(run["P"]) != int(run["P"]):
-            raise ScalingLawInputError(f"{where}.P must be an integer >= 1, got {run['P']!r}")
+            raise DataError(f"{where}.P must be an integer >= 1, got {run['P']!r}")
         if run["loss"] <= 0:
-            raise ScalingLawInputError(f"{where}.loss must be > 0, got {run['loss']!r}")
+            raise DataError(f"{where}.loss must be > 0, got {run['loss']!r}")
         n.append(float(run["N"]))
         p.append(float(run["P"]))
         loss.append(float(run["loss"]))
     try:
         return _validate_arrays(n, p, loss)
-    except ScalingLawInputError as err:
-        raise ScalingLawInputError(f"{path}: {err}") from err
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from err
 
 
 def format_table(result: FitResult, N: np.ndarray, P: np.ndarray, L: np.ndarray) -> str:
@@ -468,48 +467,3 @@ def plot_fit(
     fig.tight_layout()
     fig.savefig(out, dpi=100, format="png")
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--paper", choices=sorted(_LOSSES), help="fit the paper's loss table")
-    src.add_argument("--runs", help="JSON file: list of {N, P, loss} or {'runs': [...]}")
-    parser.add_argument("--plot", help="write a PNG of loss vs N with the fitted curves")
-    parser.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="Huber delta")
-    args = parser.parse_args(argv)
-
-    try:
-        if args.paper:
-            N, P, L = paper_table(args.paper)
-        else:
-            N, P, L = load_runs(args.runs)
-        result = fit(N, P, L, delta=args.delta)
-    except (ScalingLawInputError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    print(format_table(result, N, P, L))
-    record: dict[str, Any] = result.to_dict()
-    record["r2_on"] = "L"
-    if args.paper:
-        record["paper"] = args.paper
-        ref = PAPER_FITS[args.paper]
-        record["paper_alpha"], record["paper_k"] = ref["alpha"], ref["k"]
-        record["rel_err_alpha"] = result.alpha / ref["alpha"] - 1
-        record["rel_err_k"] = result.k / ref["k"] - 1
-    else:
-        record["runs"] = str(args.runs)
-    if args.plot:
-        title = (
-            f"paper table: {args.paper} (N: non-embedding incl. ParScale)"
-            if args.paper
-            else str(args.runs)
-        )
-        record["plot"] = str(plot_fit(result, N, P, L, args.plot, title=title))
-    print(json.dumps(record))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,36 +1,15 @@
-"""Logical axis names of every ParScale LM parameter: a table of (path regex, names per dim).
+"""Logical axis names of every ParScale LM parameter: (path regex, names per dim) pairs.
 
+Derived from `parscale_jax.param_table.PARAM_TABLE`, which lists each module once (its Flax path,
+its HF tensor name and its parameters' logical axes; the axis names are documented there).
 `train_lib.sharding` matches each parameter path ('layers_0/mlp/gate_proj/kernel') against these
 regexes (full match; every leaf must match exactly one) and maps the names to mesh axes with the
-config's `mesh.rules`. `None` for a dimension means "never sharded".
-
-Names used here: embed (hidden size H, FSDP), heads / kv_heads (query / key-value heads, tensor
-parallel; the projections' merged heads * head_dim dim), head_dim, mlp (intermediate size, tensor
-parallel), vocab (tensor parallel), streams (P), prefix (the prefix tokens), norm (RMSNorm
-weights).
+config's `mesh.rules`.
 """
 
 from __future__ import annotations
 
-LogicalAxes = tuple[str | None, ...] | None
+from core.tree_paths import LogicalAxes
+from parscale_jax.param_table import PARAM_TABLE
 
-PARAM_AXES: tuple[tuple[str, LogicalAxes], ...] = (
-    (r"embed_tokens/embedding", ("vocab", "embed")),
-    (r"layers_\d+/(input_layernorm|post_attention_layernorm)/weight", ("norm",)),
-    (r"layers_\d+/self_attn/q_proj/kernel", ("embed", "heads")),
-    (r"layers_\d+/self_attn/q_proj/bias", ("heads",)),
-    (r"layers_\d+/self_attn/(k|v)_proj/kernel", ("embed", "kv_heads")),
-    (r"layers_\d+/self_attn/(k|v)_proj/bias", ("kv_heads",)),
-    (r"layers_\d+/self_attn/o_proj/kernel", ("heads", "embed")),
-    # (P, kv_heads, n_tokens, head_dim)
-    (r"layers_\d+/self_attn/prefix_(k|v)", ("streams", "kv_heads", "prefix", "head_dim")),
-    (r"layers_\d+/mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
-    (r"layers_\d+/mlp/down_proj/kernel", ("mlp", "embed")),
-    (r"norm/weight", ("norm",)),
-    # The aggregator's MLP: (P*H, H) hidden-major input, then (H, P) stream logits.
-    (r"aggregate_layer/dense_0/kernel", (None, "embed")),
-    (r"aggregate_layer/dense_0/bias", ("embed",)),
-    (r"aggregate_layer/dense_1/kernel", ("embed", "streams")),
-    (r"aggregate_layer/dense_1/bias", ("streams",)),
-    (r"lm_head/kernel", ("embed", "vocab")),
-)
+PARAM_AXES: tuple[tuple[str, LogicalAxes], ...] = PARAM_TABLE.param_axes()

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import common  # noqa: E402
+from core.tree_paths import path_str  # noqa: E402
 from parscale_jax.config import ParScaleConfig  # noqa: E402
 from parscale_jax.model import ParScaleLM  # noqa: E402
 from train_lib import checkpointing, sharding, trainer  # noqa: E402
@@ -151,7 +152,7 @@ CASES = {
 
 
 def flat(tree: Any) -> dict[str, Any]:
-    return {sharding.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def spec_str(array: jax.Array) -> list[Any]:

@@ -8,6 +8,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
 
 from bench import parscale_decode as bench
 from parscale_jax.config import ParScaleConfig
@@ -95,3 +98,17 @@ def test_measure_setting_runs_and_its_accounting_holds():
     assert results[0]["latency_ratio"] == 1.0 and results[0]["memory_ratio"] == 1.0
     assert results[1]["memory_ratio"] > 1.0
     bench.print_table(results, peak=1e9)
+
+
+def test_streams_and_batches_flags_take_positive_integers():
+    assert bench.parse_ints(["1", "2", "8"]) == [1, 2, 8]
+    for bad in ([], ["0", "1"], ["two"]):
+        with pytest.raises(ValueError):
+            bench.parse_ints(bad)
+    with flagsaver.as_parsed(streams="1,4", batches="2"):
+        assert bench.parse_ints(bench._STREAMS.value) == [1, 4]
+        assert bench.parse_ints(bench._BATCHES.value) == [2]
+    for name in ("streams", "batches"):
+        refused = pytest.raises(flags.IllegalFlagValueError, match="positive integers")
+        with refused, flagsaver.as_parsed(**{name: "1,0"}):
+            pass

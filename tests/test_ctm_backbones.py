@@ -1,9 +1,9 @@
 """The reference image backbones (modified ResNets, shallow-wide) and their BatchNorm statistics.
 
 The reference ResNet forward is re-implemented here in float64 NumPy, channels-first with torch
-layouts, straight from the description in shared/reference/ctm.md (not from the port), and run on
-state dicts exported by the port; its keys/values are written to an oracle-format file that
-`launch.check_oracle` must reproduce.
+layouts, straight from the reference architecture (torchvision-style blocks, not from the port),
+and run on state dicts exported by the port; its keys/values are written to an oracle-format file
+that `launch.check_oracle` must reproduce.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core.errors import CheckpointMismatchError
+from core.errors import CheckpointMismatchError, DataError
 from ctm_jax import convert
+from ctm_jax import oracle as oracle_lib
 from ctm_jax.config import CTMConfig
 from ctm_jax.model import CTM
 
@@ -147,3 +148,107 @@ def test_import_reference_builds_model_from_constructor_kwargs():
     model, variables = convert.import_reference(meta["config"], state_dict)
     out = model.apply(variables, jnp.asarray(data["input"]))
     np.testing.assert_allclose(out.predictions, data["out/predictions"], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The checker runs the loss the recorded config names: a maze-shaped oracle (route read-out)
+
+
+def _np_maze_loss(predictions, certainties, targets, lookahead):
+    """The reference maze loss in numpy (curriculum prefix + lookahead, then certainty loss)."""
+    b, route = targets.shape
+    logits = predictions.reshape(b, route, 5, -1).astype(np.float64)
+    logits = logits - logits.max(axis=2, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    step_losses = -np.take_along_axis(log_probs, targets[:, :, None, None], axis=2)[:, :, 0]
+    correct = logits.argmax(axis=2) == targets[..., None]  # (B, R, T)
+    tick_losses = np.zeros((b, logits.shape[-1]))
+    for i in range(b):
+        best = 0
+        for t in range(logits.shape[-1]):
+            prefix = 0
+            while prefix + 1 < route and correct[i, : prefix + 2, t].all():
+                prefix += 1
+            best = max(best, prefix)
+        upto = min(best + lookahead, route)
+        tick_losses[i] = step_losses[i, :upto].mean(axis=0)
+    most_certain = certainties[:, 1].argmax(axis=-1)
+    at_min = tick_losses.min(axis=1)
+    at_certain = tick_losses[np.arange(b), most_certain]
+    return (at_min.mean() + at_certain.mean()) / 2, most_certain
+
+
+def _maze_oracle(tmp_path, route=6, lookahead=5, recorded_loss=None):
+    data, config, _ = load(FIXTURES / "oracle_classification.npz")
+    meta = json.loads(str(data["config_json"]))
+    kwargs = {**meta["config"], "out_dims": 5 * route, "prediction_reshaper": [route, 5]}
+    config = CTMConfig.from_reference_kwargs(kwargs)
+    x = convert.reference_input_to_jax(data["input"], config)
+    model = CTM(config)
+    variables = model.init({"params": jax.random.key(3)}, jnp.asarray(x))
+    out = model.apply(variables, jnp.asarray(x))
+    targets = np.random.default_rng(0).integers(0, 5, (x.shape[0], route))
+    predictions = np.asarray(out.predictions)
+    loss, where = _np_maze_loss(predictions, np.asarray(out.certainties), targets, lookahead)
+    grads = jax.grad(
+        lambda p: oracle_lib.REFERENCE_LOSSES["maze_loss"](
+            model.apply({**variables, "params": p}, jnp.asarray(x)),
+            jnp.asarray(targets),
+            {"cirriculum_lookahead": lookahead},
+        )[0]
+    )(variables["params"])
+    meta = {"name": "maze", "model_class": "ContinuousThoughtMachine", "config": kwargs}
+    if recorded_loss is not None:
+        meta["loss"] = recorded_loss
+    path = tmp_path / "oracle_maze.npz"
+    np.savez(
+        path,
+        config_json=np.array(json.dumps(meta)),
+        input=data["input"],
+        **{f"sd/{k}": v for k, v in convert.export_state_dict(config, variables).items()},
+        **{"out/predictions": predictions, "out/certainties": np.asarray(out.certainties)},
+        **{"loss/value": np.float64(loss), "loss/targets": targets},
+        **{"loss/where_most_certain": where},
+        **{f"grad/{k}": v for k, v in convert.export_state_dict(config, grads).items()},
+    )
+    return path
+
+
+def test_reference_loss_is_picked_from_the_recorded_config():
+    _, parity, _ = load(FIXTURES / "oracle_parity.npz")
+    _, sort, _ = load(FIXTURES / "oracle_sort.npz")
+    _, classification, _ = load(FIXTURES / "oracle_classification.npz")
+    kwargs = json.loads(str(np.load(FIXTURES / "oracle_classification.npz")["config_json"]))
+    maze = CTMConfig.from_reference_kwargs(
+        {**kwargs["config"], "out_dims": 30, "prediction_reshaper": [6, 5]}
+    )
+    assert oracle_lib.reference_loss({}, parity) == ("parity_loss", {})
+    assert oracle_lib.reference_loss({}, sort) == ("sort_loss", {})
+    assert oracle_lib.reference_loss({}, classification) == ("image_classification_loss", {})
+    assert oracle_lib.reference_loss({}, maze) == ("maze_loss", {})
+    recorded = {"loss": {"name": "maze_loss", "kwargs": {"cirriculum_lookahead": 2}}}
+    assert oracle_lib.reference_loss(recorded, maze) == ("maze_loss", {"cirriculum_lookahead": 2})
+    with pytest.raises(DataError, match="loss='ctc' is invalid"):
+        oracle_lib.reference_loss({"loss": "ctc"}, maze)
+
+
+def test_checker_runs_the_maze_loss_and_its_gradients(tmp_path):
+    report = oracle_lib.check_oracle(str(_maze_oracle(tmp_path)))
+    assert report.ok, "\n".join(report.lines())
+    names = [c.name for c in report.comparisons]
+    assert "loss/value" in names and "loss/where_most_certain" in names
+    assert sum(n.startswith("grad/") for n in names) > 40
+    assert "maze_loss" in report.title
+
+
+def test_checker_fails_when_the_recorded_lookahead_differs(tmp_path):
+    # The file's loss value was computed with lookahead 5; a file that records lookahead 1 makes
+    # the checker compute another curriculum prefix, which must show as a loss mismatch.
+    path = _maze_oracle(
+        tmp_path,
+        route=8,
+        recorded_loss={"name": "maze_loss", "kwargs": {"cirriculum_lookahead": 1}},
+    )
+    report = oracle_lib.check_oracle(str(path))
+    failed = [c.name for c in report.comparisons if not c.ok]
+    assert "loss/value" in failed

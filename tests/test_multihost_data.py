@@ -194,6 +194,9 @@ def _start_processes(workdir: Path, root: Path, name: str, cache: Path) -> list:
             f"--coordinator_address=localhost:{port}",
             "--num_processes=2",
             f"--process_id={index}",
+            # The trainer logs its lines at INFO on process 0 only, at DEBUG on the others:
+            # -v 1 shows process 1's too, so both processes' views can be checked.
+            *(["--verbosity=1"] if index else []),
         )
         with (root / f"{name}_{index}.log").open("w") as log:
             procs.append(

@@ -64,13 +64,10 @@ def test_generate_cli_continues_a_text_prompt_like_transformers(name):
         [
             sys.executable,
             "-m",
-            "parscale_jax.generate",
-            "--checkpoint",
-            str(directory),
-            "--prompt",
-            str(ref["prompt_text"]),
-            "--max-new-tokens",
-            str(n),
+            "launch.generate",
+            f"--checkpoint={directory}",
+            f"--prompt={ref['prompt_text']}",
+            f"--max_new_tokens={n}",
             "--json",
         ],
         capture_output=True,
@@ -82,6 +79,28 @@ def test_generate_cli_continues_a_text_prompt_like_transformers(name):
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["ids"] == [int(t) for t in ref["prompt_gen_tokens"]]
     assert record["text"] == str(ref["prompt_gen_text"])
+
+
+def test_generate_cli_reports_a_bad_request_in_one_line(tmp_path):
+    """Expected failures (core.errors) end the CLI with `error: <message>` and status 1, no
+    traceback: a checkpoint without a tokenizer, and an impossible --max_new_tokens."""
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    directory = reference_dir(REFERENCE_NAMES[0])
+    for args, message in (
+        ([f"--checkpoint={no_tokenizer}"], "tokenizer.json does not exist"),
+        ([f"--checkpoint={directory}", "--max_new_tokens=0"], "max_new_tokens=0 is invalid"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "launch.generate", "--prompt=def", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_export_reproduces_the_transformers_tensors(tmp_path):

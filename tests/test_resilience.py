@@ -148,7 +148,8 @@ def test_killed_five_times_ends_bit_identical(killed, reference):
     # Each re-run restored the last checkpoint that was complete when the previous one died
     # (none before the first run; a kill before the first checkpoint leaves none either).
     assert attempts[0]["restored"] is None
-    restored = [a["restored"] for a in attempts[1:]] + [int(RESTORED.search(final.stdout).group(1))]
+    # The trainer's lines are absl INFO records: on stderr.
+    restored = [a["restored"] for a in attempts[1:]] + [int(RESTORED.search(final.stderr).group(1))]
     assert restored == [max(a["at_kill"], default=None) for a in attempts]
     # Some kills landed between checkpoints: steps after the last one were lost and redone.
     assert any(a["seen"] > max(a["at_kill"], default=0) for a in attempts), attempts
@@ -205,15 +206,15 @@ def test_rerun_after_sigterm_resumes_there_and_ends_bit_identical(preempted, ref
     resumed = preempted["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     step = int(PREEMPTED.search(preempted["output"]).group(1))
-    assert int(RESTORED.search(resumed.stdout).group(1)) == step
+    assert int(RESTORED.search(resumed.stderr).group(1)) == step  # absl logs to stderr
     _assert_same_final_state(preempted["workdir"], reference)
 
 
 def test_rerunning_a_finished_run_only_reports(root, reference):
     again = run_launcher(reference, *OVERRIDES, cache_dir=root / "cache")
     assert again.returncode == 0
-    assert f"already finished at step {TOTAL}" in again.stdout
-    assert "compiling" not in again.stdout
+    assert f"already finished at step {TOTAL}" in again.stderr  # absl logs to stderr
+    assert "compiling" not in again.stdout + again.stderr
 
 
 def test_command_line_override_reaches_the_optimiser(reference):

@@ -7,6 +7,7 @@ uninterrupted run) are in test_resilience.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -113,16 +114,16 @@ def test_sigterm_saves_the_next_step_boundary_and_returns(preempted_run, capsys)
     assert [r["step"] for r in metrics.read_metrics(workdir, "train")] == list(range(1, 7))
 
 
-def test_uncommitted_checkpoint_is_ignored_and_the_run_resumes_before_it(preempted_run, capsys):
+def test_uncommitted_checkpoint_is_ignored_and_the_run_resumes_before_it(preempted_run, caplog):
     """Step 6's directory, complete but never renamed (what a kill between writing and Orbax's
     atomic rename leaves), is not used: the run resumes from step 4 and finishes."""
     workdir, *_ = preempted_run
     ckpt_dir = workdir / trainer.CHECKPOINT_DIR
     uncommitted = ckpt_dir / "6.orbax-checkpoint-tmp-1795987303381473601"
     (ckpt_dir / "6").rename(uncommitted)
-    capsys.readouterr()
+    caplog.set_level(logging.INFO)  # the trainer's lines are absl INFO records
     summary = trainer.train_and_evaluate(_config(), workdir)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "restored checkpoint at step 4" in out
     assert summary.resumed_from == 4 and summary.step == TOTAL and not summary.preempted
     assert checkpoint_steps(workdir) == [4, 8, 12]

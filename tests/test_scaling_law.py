@@ -1,4 +1,8 @@
-"""ParScale scaling-law fit: paper tables, synthetic recovery, run files, CLI and plot."""
+"""ParScale scaling-law fit: paper tables, synthetic recovery, run files, CLI and plot.
+
+The CLI, `launch.fit_scaling_law`, runs in its own process (absl flags are global per process; it
+imports no JAX, so a run takes about a second).
+"""
 
 import itertools
 import json
@@ -9,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from core.errors import ConfigError, DataError, Error
 from parscale_jax import scaling_law as sl
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -21,19 +26,25 @@ PAPER = {
 }
 
 
+def fit_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m launch.fit_scaling_law *args` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "launch.fit_scaling_law", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @pytest.fixture(scope="module", params=["stack", "pile"])
 def paper_cli(request, tmp_path_factory):
     """Run the real CLI once per table (with --plot); return (name, stdout lines, record, png)."""
     name = request.param
     png = tmp_path_factory.mktemp("plot") / f"{name}.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "parscale_jax.scaling_law", "--paper", name, "--plot", str(png)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    proc = fit_cli(f"--paper={name}", f"--plot={png}")
+    assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     return name, lines, json.loads(lines[-1]), png
 
@@ -143,14 +154,15 @@ def test_predict_broadcasts_and_p1_has_no_gain():
     assert out[1, 0] == pytest.approx(sl.predict(res, 1e9 * (1 + 0.4 * np.log(8)), 1.0))
 
 
-def test_runs_file_fit_and_plot(tmp_path, capsys):
+def test_runs_file_fit_and_plot(tmp_path):
     truth, N, P, L = _synthetic(seed=1)
     runs = [{"N": float(n), "P": int(p), "loss": float(v)} for n, p, v in zip(N, P, L, strict=True)]
     path = tmp_path / "runs.json"
     path.write_text(json.dumps({"runs": runs}))
     png = tmp_path / "out" / "fit.png"
-    assert sl.main(["--runs", str(path), "--plot", str(png)]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    proc = fit_cli(f"--runs={path}", f"--plot={png}")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
     rec = json.loads(lines[-1])
     assert rec["n_points"] == 24 and rec["runs"] == str(path)
     assert rec["alpha"] == pytest.approx(truth["alpha"], rel=0.05)
@@ -181,23 +193,44 @@ def test_runs_file_bad_entry_named(tmp_path, bad, match):
     runs = good[:3] + [bad] + good[3:]
     path = tmp_path / "runs.json"
     path.write_text(json.dumps(runs))
-    with pytest.raises(sl.ScalingLawInputError, match=match):
+    with pytest.raises(DataError, match=match):
         sl.load_runs(path)
 
 
-def test_runs_file_structural_errors(tmp_path, capsys):
+def test_runs_file_structural_errors(tmp_path):
     path = tmp_path / "runs.json"
     path.write_text("{not json")
-    with pytest.raises(sl.ScalingLawInputError, match="not valid JSON"):
+    with pytest.raises(DataError, match="not valid JSON"):
         sl.load_runs(path)
     path.write_text(json.dumps({"points": []}))
-    with pytest.raises(sl.ScalingLawInputError, match="'runs'"):
+    with pytest.raises(DataError, match="'runs'"):
         sl.load_runs(path)
     path.write_text(json.dumps([{"N": 1e9, "P": 1, "loss": 2.0}] * 6))
-    with pytest.raises(sl.ScalingLawInputError, match="two distinct P"):
+    with pytest.raises(DataError, match="two distinct P"):
         sl.load_runs(path)
-    # The CLI reports the problem on stderr and exits with status 2 (no traceback).
+    with pytest.raises(DataError, match="No such file"):
+        sl.load_runs(tmp_path / "missing.json")
+    # The CLI reports the problem on stderr in one line and exits with status 1 (no traceback).
     path.write_text(json.dumps([{"N": 1e9, "P": 1}]))
-    assert sl.main(["--runs", str(path)]) == 2
-    err = capsys.readouterr().err
+    proc = fit_cli(f"--runs={path}")
+    assert proc.returncode == 1 and proc.stdout == ""
+    err = proc.stderr
     assert err.startswith("error: ") and "runs[0] is missing field 'loss'" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_options_are_refused():
+    """Library: a bad delta or grid is a ConfigError (an `Error`: launchers print one line)."""
+    assert issubclass(DataError, Error) and issubclass(ConfigError, Error)
+    N, P, L = sl.paper_table("stack")
+    with pytest.raises(ConfigError, match="delta must be > 0"):
+        sl.fit(N, P, L, delta=0.0)
+    with pytest.raises(ConfigError, match="grid needs non-empty"):
+        sl.fit(N, P, L, grid={"e": (0.0,)})
+    # CLI: exactly one data source, a known table, a positive delta; all exit with status 1.
+    both = fit_cli("--paper=stack", "--runs=runs.json")
+    assert both.returncode == 1 and "Exactly one of (paper, runs)" in both.stderr
+    unknown = fit_cli("--paper=c4")
+    assert unknown.returncode == 1 and "--paper=c4" in unknown.stderr
+    delta = fit_cli("--paper=stack", "--delta=0")
+    assert delta.returncode == 1 and delta.stderr.strip() == "error: delta must be > 0, got 0.0"

@@ -23,6 +23,7 @@ from configs import common
 from configs.ctm_maze import get_config as maze_config
 from configs.ctm_parity import get_config as parity_config
 from core.errors import ConfigError
+from core.tree_paths import path_str
 from ctm_jax.model import CTM
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.model import ParScaleLM
@@ -35,7 +36,7 @@ MESH_222 = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES)
 
 
 def specs_of(shardings) -> dict[str, P]:
-    return {sharding.path_str(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+    return {path_str(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
 
 
 # ------------------------------------------------------------------------------------------------

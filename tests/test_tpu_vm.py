@@ -1,4 +1,5 @@
-"""launch.tpu_vm: the gcloud commands printed by --dry-run, argument validation, and the packing
+"""launch.tpu_vm: the gcloud commands printed by --dry_run, argument validation, the absl command
+line (in-process through `tpu_vm.run`, and as `python -m` for the exit statuses), and the packing
 of this checkout. Nothing here talks to Google Cloud."""
 
 from __future__ import annotations
@@ -7,10 +8,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from absl import flags
 
 from launch import tpu_vm
 
@@ -25,7 +28,7 @@ def _pinned_jax() -> str:
 
 def _dry_run(capsys, *argv: str) -> list[list[str]]:
     """The printed commands, each split back into argv (comment lines dropped)."""
-    assert tpu_vm.main(["--dry-run", *argv]) == 0
+    assert tpu_vm.run(["--dry_run", *argv]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line and not line.startswith("#")]
     return [shlex.split(line) for line in lines]
@@ -44,13 +47,13 @@ def _shell_words(script: str) -> list[str]:
 
 
 def _error(capsys, *argv: str) -> str:
-    assert tpu_vm.main(["--dry-run", *argv]) == 1
+    assert tpu_vm.run(["--dry_run", *argv]) == 1
     return capsys.readouterr().err
 
 
 def test_create_commands(capsys):
     (cmd,) = _dry_run(
-        capsys, "create", "my-tpu", f"--zone={ZONE}", "--accelerator-type=v5litepod-8", "--spot"
+        capsys, "create", "my-tpu", f"--zone={ZONE}", "--accelerator_type=v5litepod-8", "--spot"
     )
     assert cmd == [
         "gcloud",
@@ -65,7 +68,7 @@ def test_create_commands(capsys):
         "--spot",
     ]
     (cmd,) = _dry_run(
-        capsys, "create", "pod", "--zone=us-east5-a", "--accelerator-type=v5p-16", "--preemptible"
+        capsys, "create", "pod", "--zone=us-east5-a", "--accelerator_type=v5p-16", "--preemptible"
     )
     assert _flag(cmd, "version") == "v2-alpha-tpuv5" and cmd[-1] == "--preemptible"
     (cmd,) = _dry_run(
@@ -73,7 +76,7 @@ def test_create_commands(capsys):
         "create",
         "t6",
         "--zone=us-east1-d",
-        "--accelerator-type=v6e-8",
+        "--accelerator_type=v6e-8",
         "--version=tpu-ubuntu2204-base",
         "--project=my-project",
     )
@@ -185,15 +188,15 @@ def test_logs_and_delete(capsys):
         (("delete", "My_TPU", f"--zone={ZONE}"), "TPU name 'My_TPU' is invalid"),
         (("delete", "my-tpu", "--zone=us-west4"), "--zone='us-west4' is invalid"),
         (
-            ("create", "my-tpu", f"--zone={ZONE}", "--accelerator-type=v5e-8"),
-            "--accelerator-type='v5e-8' is invalid",
+            ("create", "my-tpu", f"--zone={ZONE}", "--accelerator_type=v5e-8"),
+            "--accelerator_type='v5e-8' is invalid",
         ),
         (
-            ("create", "my-tpu", f"--zone={ZONE}", "--accelerator-type=v6e-6"),
+            ("create", "my-tpu", f"--zone={ZONE}", "--accelerator_type=v6e-6"),
             "v6e slices have 1, 4, 8",
         ),
         (
-            ("create", "my-tpu", f"--zone={ZONE}", "--accelerator-type=v5p-12"),
+            ("create", "my-tpu", f"--zone={ZONE}", "--accelerator_type=v5p-12"),
             "multiples of 8",
         ),
     ],
@@ -205,8 +208,8 @@ def test_bad_arguments_fail_early_with_one_line(capsys, argv, message):
 
 def test_spot_and_preemptible_are_exclusive(capsys):
     with pytest.raises(SystemExit):
-        tpu_vm.main(
-            ["create", "x", f"--zone={ZONE}", "--accelerator-type=v4-8", "--spot", "--preemptible"]
+        tpu_vm.run(
+            ["create", "x", f"--zone={ZONE}", "--accelerator_type=v4-8", "--spot", "--preemptible"]
         )
     assert "not allowed with" in capsys.readouterr().err
 
@@ -215,12 +218,12 @@ def test_without_dry_run_the_same_commands_run_and_a_missing_gcloud_is_named(cap
     ran = []
     monkeypatch.setattr(tpu_vm.shutil, "which", lambda _: "/usr/bin/gcloud")
     monkeypatch.setattr(tpu_vm.subprocess, "run", lambda cmd, check: ran.append((cmd, check)))
-    assert tpu_vm.main(["delete", "my-tpu", f"--zone={ZONE}"]) == 0
+    assert tpu_vm.run(["delete", "my-tpu", f"--zone={ZONE}"]) == 0
     assert ran == [(cmd, True) for cmd in tpu_vm.delete_commands("my-tpu", ZONE)]
     capsys.readouterr()
 
     monkeypatch.setattr(tpu_vm.shutil, "which", lambda _: None)
-    assert tpu_vm.main(["delete", "my-tpu", f"--zone={ZONE}"]) == 1
+    assert tpu_vm.run(["delete", "my-tpu", f"--zone={ZONE}"]) == 1
     assert "gcloud is not on PATH" in capsys.readouterr().err
 
     def failing(cmd, check):
@@ -228,7 +231,7 @@ def test_without_dry_run_the_same_commands_run_and_a_missing_gcloud_is_named(cap
 
     monkeypatch.setattr(tpu_vm.shutil, "which", lambda _: "/usr/bin/gcloud")
     monkeypatch.setattr(tpu_vm.subprocess, "run", failing)
-    assert tpu_vm.main(["delete", "my-tpu", f"--zone={ZONE}"]) == 1
+    assert tpu_vm.run(["delete", "my-tpu", f"--zone={ZONE}"]) == 1
     assert "exit status 3" in capsys.readouterr().err
 
 
@@ -275,3 +278,68 @@ def test_remote_scripts_are_valid_bash(capsys, argv):
     script = _flag(ssh, "command")
     check = subprocess.run([bash, "-n", "-c", script], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_flags_are_reset_between_calls_and_stay_out_of_absls_global_flags(capsys):
+    was_parsed = flags.FLAGS.is_parsed()
+    (cmd,) = _dry_run(capsys, "create", "x", f"--zone={ZONE}", "--accelerator_type=v4-8", "--spot")
+    assert cmd[-1] == "--spot"
+    (cmd,) = _dry_run(capsys, "create", "x", f"--zone={ZONE}", "--accelerator_type=v4-8")
+    assert "--spot" not in cmd  # not left over from the call before
+    assert flags.FLAGS.is_parsed() == was_parsed  # absl's global FLAGS are not touched
+    # launch.train defines --config and --workdir in absl's global FLAGS: no collision.
+    assert "launch.tpu_vm" not in flags.FLAGS.flags_by_module_dict()
+    assert {"config", "workdir"} <= set(tpu_vm.FV)
+
+
+def test_required_flags_of_other_launchers_do_not_break_an_in_process_call(capsys):
+    """Like launch.train imported by another test: a required global flag that nobody set."""
+    flags.DEFINE_string("tpu_vm_test_required", None, "Required, never given.")
+    flags.mark_flag_as_required("tpu_vm_test_required")
+    try:
+        (cmd,) = _dry_run(capsys, "delete", "my-tpu", f"--zone={ZONE}")
+        assert cmd[4:6] == ["delete", "my-tpu"]
+    finally:
+        delattr(flags.FLAGS, "tpu_vm_test_required")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ((), "missing subcommand"),
+        (("frob", "my-tpu", f"--zone={ZONE}"), "unknown subcommand 'frob'"),
+        (("delete", f"--zone={ZONE}"), "missing TPU name"),
+        (("delete", "my-tpu"), "delete needs --zone"),
+        (("train", "my-tpu", f"--zone={ZONE}", "--config=c.py"), "train needs --workdir"),
+        (("delete", "my-tpu", f"--zone={ZONE}", "--spot"), "--spot is not a flag of delete"),
+        (("delete", "my-tpu", f"--zone={ZONE}", "--", "--config.a=1"), "unrecognized arguments"),
+        (("delete", "my-tpu", "--zone", ZONE, "--dry-run"), "Did you mean: dry_run ?"),
+    ],
+)
+def test_a_wrong_command_line_is_a_usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        tpu_vm.run(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert message in err and not err.startswith("error: ")  # not a one-line error
+
+
+def test_the_absl_command_line_exit_statuses(capsys):
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "launch.tpu_vm", *argv]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    train = ("train", "my-tpu", f"--zone={ZONE}", "--config=configs/ctm_maze.py:large")
+    ok = cli("--dry_run", *train, "--workdir=gs://my-bucket/x", "--", "--config.train.steps=9")
+    assert ok.returncode == 0, ok.stderr
+    assert [shlex.split(line) for line in ok.stdout.splitlines()] == _dry_run(
+        capsys, *train, "--workdir=gs://my-bucket/x", "--config.train.steps=9"
+    )
+    bad = cli(*train, "--workdir=runs/local", "--dry_run")
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.startswith("error: --workdir=") and bad.stderr.count("\n") == 1
+    usage = cli("frob", "my-tpu", f"--zone={ZONE}")
+    assert usage.returncode == 1
+    assert tpu_vm.__doc__.splitlines()[0] in usage.stderr and "unknown subcommand" in usage.stderr
+    helped = cli("--help")
+    assert helped.returncode == 0 and "--accelerator_type: [create]" in helped.stdout

@@ -31,6 +31,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
 from core.errors import CheckpointMismatchError, ConfigError
+from core.tree_paths import path_str
 
 STATE, DATA, META = "state", "data", "meta"
 # Enough leaves to recognise the problem without flooding the terminal.
@@ -61,7 +62,7 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
             name = "uint32"
         else:
             shape, name = tuple(leaf.shape), np.dtype(dtype).name
-        out["/".join(str(p) for p in path)] = (shape, name)
+        out[path_str(path)] = (shape, name)
     return out
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from core.errors import ConfigError
+from core.tree_paths import path_str
 
 CLIP_MODES = ("none", "global_norm", "quantile")
 QUANTILE_SCOPES = ("per_parameter", "global")
@@ -142,19 +143,6 @@ def make_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     )
 
 
-def param_path(path: tuple[Any, ...]) -> str:
-    """'a/b/kernel' for a pytree key path (dict keys, attributes and indices alike)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def decay_mask_fn(exclude: tuple[str, ...]) -> Callable[[Any], Any] | None:
     """Mask for AdamW's weight decay: False for params whose path matches any `exclude` regex."""
     if not exclude:
@@ -163,7 +151,7 @@ def decay_mask_fn(exclude: tuple[str, ...]) -> Callable[[Any], Any] | None:
 
     def mask(params: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: not any(p.search(param_path(path)) for p in patterns), params
+            lambda path, _: not any(p.search(path_str(path)) for p in patterns), params
         )
 
     return mask
@@ -214,7 +202,7 @@ FROZEN, TRAINABLE = "frozen", "trainable"
 def trainable_mask(params: Any, trainable: Callable[[str], bool] | None) -> Any:
     """A tree of bools like `params`: True where `trainable(path)` (everything when None)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: trainable is None or bool(trainable(param_path(path))), params
+        lambda path, _: trainable is None or bool(trainable(path_str(path))), params
     )
 
 

@@ -21,17 +21,18 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from core.errors import ConfigError
+from core.tree_paths import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch dimension is split over every axis that holds a copy of the model's work (the
@@ -46,7 +47,8 @@ ParamAxesTable = Sequence[tuple[str, tuple[str | None, ...] | None]]
 
 
 def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    """Start-up notes (replicated dims): absl INFO on process 0, DEBUG on the others."""
+    logging.log(logging.INFO if jax.process_index() == 0 else logging.DEBUG, "%s", message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,11 +164,6 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: LogicalRules = ()) -> NamedSh
 
 # ------------------------------------------------------------------------------------------------
 # Parameters and train state
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """'a/b/kernel' for a pytree key path."""
-    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def model_param_axes(model: Any) -> ParamAxesTable | None:
@@ -293,10 +290,9 @@ def _mirror_params(mesh: jax.sharding.Mesh, tree: Any, params: Any, params_shard
     rep = replicated(mesh)
 
     def one(key_path: Any, leaf: Any) -> NamedSharding:
-        keys = [path_str((k,)) for k in key_path]
         shape = tuple(np.shape(leaf))
-        for start in range(len(keys)):  # the longest matching suffix wins
-            hit = by_path.get("/".join(keys[start:]))
+        for start in range(len(key_path)):  # the longest matching suffix wins
+            hit = by_path.get(path_str(key_path[start:]))
             if hit is not None and hit[0] == shape:
                 return hit[1]
         return rep

@@ -14,6 +14,7 @@ command ends with bit-identical parameters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,9 +31,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from core.errors import ConfigError, NonFiniteError
+from core.tree_paths import path_str
 from train_lib import checkpointing, metrics, optim, sharding
 from train_lib.task import Batch, Task, make_task
 
@@ -69,8 +72,13 @@ class RunSummary:
 
 
 def log(message: str) -> None:
-    """Progress output: one timestamped line on stdout, flushed (readable from a subprocess)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    """Progress output: an absl INFO record (timestamped, on stderr) on process 0 only. The other
+    processes log the same line at DEBUG, so `-v 1` shows every process's view.
+
+    The launchers (`launch.cli.start`) show this project's INFO records and hide the libraries'
+    (Orbax logs every checkpoint save at INFO)."""
+    level = logging.INFO if jax.process_index() == 0 else logging.DEBUG
+    logging.log(level, "%s", message, stacklevel=2)  # the record names the caller's line
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,6 +99,36 @@ def validate_train_config(train: Mapping[str, Any]) -> None:
             fail(name, "must be >= 0")
     if int(train["eval_every"]) > 0 and int(train["eval_batches"]) < 1:
         fail("eval_batches", "must be >= 1 when train.eval_every > 0")
+    profile_window(train)
+    if train.get("transfer_guard", "allow") not in TRANSFER_GUARD_LEVELS:
+        fail("transfer_guard", f"must be one of {', '.join(TRANSFER_GUARD_LEVELS)}")
+
+
+# jax.transfer_guard levels for train.transfer_guard; "allow" (the default) checks nothing.
+TRANSFER_GUARD_LEVELS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+
+
+def profile_window(train: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(START, STOP) of `train.profile_steps` ('START,STOP': trace the updates that take the
+    state from step START to step STOP), None when it is off ('' or absent); ConfigError when
+    it is neither."""
+    value = train.get("profile_steps") or ""
+    if isinstance(value, str) and not value.strip():
+        return None
+    window = None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            window = tuple(int(part) for part in value.split(","))
+    if (
+        window is None
+        or len(window) != 2
+        or not 0 <= window[0] < window[1] <= int(train["total_steps"])
+    ):
+        raise ConfigError(
+            f"train.profile_steps={value!r} is invalid: must be '' (off) or 'START,STOP' with "
+            "0 <= START < STOP <= train.total_steps"
+        )
+    return window
 
 
 def validate_config(
@@ -360,7 +398,7 @@ def build_experiment(
         example_batch=example,
         abstract_state=abstract_state,
         state_shardings=sharding.state_shardings(
-            mesh, abstract_state, rules, sharding.model_param_axes(model), log
+            mesh, abstract_state, rules, sharding.model_param_axes(model)
         ),
         batch_sharding=sharding.batch_sharding(mesh, rules),
         logical_rules=rules,
@@ -415,7 +453,8 @@ def write_workdir(
         workdir / CHECKPOINT_DIR, save_every=1, keep=1_000_000, async_save=False
     ) as ckpt:
         ckpt.save(step, state, train_iter, checkpoint_meta(exp, step, {}, **meta), force=True)
-    (workdir / CONFIG_FILE).write_text(json.dumps(exp.config_json, indent=2) + "\n")
+    if jax.process_index() == 0:
+        (workdir / CONFIG_FILE).write_text(json.dumps(exp.config_json, indent=2) + "\n")
     return state
 
 
@@ -515,12 +554,12 @@ def read_variables(
     by_path = {}
     if shardings is not None:
         flat, _ = jax.tree_util.tree_flatten_with_path(shardings)
-        by_path = {optim.param_path(k): v for k, v in flat}
+        by_path = {path_str(k): v for k, v in flat}
     replicated = sharding.replicated(mesh)
     wanted = {"params": saved["params"], **dict(saved.get("buffers") or {})}
     target = jax.tree_util.tree_map_with_path(
         lambda k, m: jax.ShapeDtypeStruct(
-            m.shape, m.dtype, sharding=by_path.get(optim.param_path(k), replicated)
+            m.shape, m.dtype, sharding=by_path.get(path_str(k), replicated)
         ),
         wanted,
     )
@@ -660,39 +699,82 @@ def _train_loop(
             log(progress.line(step, means, exp.task.progress_keys))
 
     log(f"training from step {start_step} to {total_steps}")
+    profiler = _Profiler(profile_window(train), workdir / metrics.TENSORBOARD_DIR)
     pending: tuple[int, dict[str, jax.Array]] | None = None
+    # train.transfer_guard: implicit host<->device transfers in the steps are logged or refused
+    # (batches go up with make_array_from_process_local_data, metrics come down with
+    # jax.device_get: both explicit). Checkpoint saves are left to Orbax as they are ("allow").
     try:
-        for step in range(start_step, total_steps):
-            if batch is None:
-                batch = put(next(train_iter))
-            with jax.set_mesh(exp.mesh):
-                state, step_metrics = train_step(state, batch)
-            batch, done = None, step + 1
+        with jax.transfer_guard(str(train.get("transfer_guard", "allow"))):
+            for step in range(start_step, total_steps):
+                progress.exclude(profiler.before_step(step, state))  # writing a trace
+                if batch is None:
+                    batch = put(next(train_iter))
+                with jax.set_mesh(exp.mesh):
+                    state, step_metrics = train_step(state, batch)
+                batch, done = None, step + 1
+                if pending is not None:
+                    consume(*pending)  # the previous step: its values are ready or nearly so
+                pending = (done, step_metrics)
+                want_eval = eval_every > 0 and (done % eval_every == 0 or done == total_steps)
+                # Every process asks at every step (multi-host: they agree on the step to stop at).
+                preempted = watch is not None and watch.reached(done) and done < total_steps
+                want_save = ckpt.should_save(done) or done == total_steps or preempted
+                if want_eval or want_save:
+                    consume(*pending)  # check this step before it is evaluated or saved
+                    pending = None
+                    if want_eval:
+                        last_eval = evaluate(state, done)
+                    if want_save:
+                        meta = checkpoint_meta(exp, done, last_eval)
+                        with jax.transfer_guard("allow"):
+                            ckpt.save(done, state, train_iter, meta, force=True)
+                if preempted:
+                    with jax.transfer_guard("allow"):
+                        ckpt.wait_until_finished()
+                    log(f"preempted at step {done}: saved checkpoint, exiting")
+                    return last_eval, done
+            profiler.before_step(total_steps, state)
             if pending is not None:
-                consume(*pending)  # the previous step: its values are ready or nearly so
-            pending = (done, step_metrics)
-            want_eval = eval_every > 0 and (done % eval_every == 0 or done == total_steps)
-            # Every process asks at every step (multi-host: they agree on the step to stop at).
-            preempted = watch is not None and watch.reached(done) and done < total_steps
-            want_save = ckpt.should_save(done) or done == total_steps or preempted
-            if want_eval or want_save:
-                consume(*pending)  # check this step before it is evaluated or saved
-                pending = None
-                if want_eval:
-                    last_eval = evaluate(state, done)
-                if want_save:
-                    meta = checkpoint_meta(exp, done, last_eval)
-                    ckpt.save(done, state, train_iter, meta, force=True)
-            if preempted:
-                ckpt.wait_until_finished()
-                log(f"preempted at step {done}: saved checkpoint, exiting")
-                return last_eval, done
-        if pending is not None:
-            consume(*pending)
+                consume(*pending)
     finally:
+        profiler.close()
         writer.close()
     ckpt.wait_until_finished()
     return last_eval, total_steps
+
+
+class _Profiler:
+    """`train.profile_steps`: an XLA trace (`jax.profiler`) of the updates that take the state
+    from step START to STOP, written under `log_dir`/plugins/profile/<run>/ for TensorBoard's
+    profile plugin. Process 0 only; a run resumed inside the window traces the rest of it."""
+
+    def __init__(self, window: tuple[int, int] | None, log_dir: epath.Path) -> None:
+        self._window = window if jax.process_index() == 0 else None
+        self._log_dir = log_dir
+        self._tracing = False
+
+    def before_step(self, step: int, state: TrainState) -> float:
+        """Called before the update from `step` (and with total_steps after the last one);
+        returns the seconds it took (starting or writing a trace)."""
+        if self._window is None:
+            return 0.0
+        t0 = time.perf_counter()
+        start, stop = self._window
+        if not self._tracing and start <= step < stop:
+            jax.profiler.start_trace(str(self._log_dir))
+            self._tracing = True
+            log(f"profiling steps {step} to {stop} into {self._log_dir}")
+        elif self._tracing and step >= stop:
+            jax.block_until_ready(state)  # the traced updates have run on the device
+            self.close()
+            log(f"profile written to {self._log_dir / 'plugins' / 'profile'}")
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self._tracing:
+            self._tracing = False
+            jax.profiler.stop_trace()
 
 
 def _format(values: Mapping[str, float]) -> str:

@@ -24,7 +24,7 @@ Starting points (at most one; both only when the workdir has no checkpoint of it
   vocab_size, hidden_size, ...). With `freeze_backbone=True` only the prefixes and the
   aggregator train (the backbone gets no optimiser state at all), so one backbone serves every P:
   train one prefix/aggregator set per P, and serve P = 1 from the bare backbone
-  (`generate.at_parscale_n`, `python -m parscale_jax.generate --parscale-n 1`).
+  (`generate.at_parscale_n`, `python -m launch.generate --parscale_n=1`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from core.errors import ConfigError
+from core.tree_paths import path_str
 from parscale_jax import config as ps_config
 from parscale_jax.model import LMOutput, ParScaleLM
 from tasks.parscale_lm import data
@@ -93,10 +94,6 @@ def streams_of(params: Mapping[str, Any]) -> int:
     return 1
 
 
-def _path(path: tuple[str, ...]) -> str:
-    return "/".join(path)
-
-
 def merge_pretrained(
     params: Mapping[str, Any], source: Mapping[str, Any], field: str, where: str
 ) -> dict[str, Any]:
@@ -116,14 +113,16 @@ def merge_pretrained(
     copy_parscale = source_p == target_p > 1
     wanted = {p for p in flat if copy_parscale or not is_parscale_param(p)}
     offered = {p for p in src if copy_parscale or not is_parscale_param(p)}
-    problems = [f"missing {_path(p)} {tuple(np.shape(flat[p]))}" for p in sorted(wanted - offered)]
+    problems = [
+        f"missing {path_str(p)} {tuple(np.shape(flat[p]))}" for p in sorted(wanted - offered)
+    ]
     problems += [
-        f"unexpected {_path(p)} {tuple(np.shape(src[p]))}" for p in sorted(offered - wanted)
+        f"unexpected {path_str(p)} {tuple(np.shape(src[p]))}" for p in sorted(offered - wanted)
     ]
     for p in sorted(wanted & offered):
         if tuple(np.shape(flat[p])) != tuple(np.shape(src[p])):
             problems.append(
-                f"{_path(p)} is {tuple(np.shape(src[p]))} there, {tuple(np.shape(flat[p]))} here"
+                f"{path_str(p)} is {tuple(np.shape(src[p]))} there, {tuple(np.shape(flat[p]))} here"
             )
     if problems:
         listed = "; ".join(problems[:_MAX_LISTED])
