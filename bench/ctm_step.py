@@ -27,6 +27,7 @@ from absl import app, flags
 from bench.timing import matmul_peak_flops, time_calls
 from configs import ctm_parity
 from ctm_jax.config import CTMConfig
+from ctm_jax.flops import forward_flops
 from ctm_jax.losses import parity_loss
 from ctm_jax.model import CTM, project_params
 from launch import cli
@@ -35,23 +36,6 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed calls per measurement.", lower_
 _SKIP_REFERENCE = flags.DEFINE_bool(
     "skip_reference", False, "Only the :tiny preset (the reference config takes minutes)."
 )
-
-
-def forward_flops(cfg: CTMConfig, batch: int, n_tokens: int, in_channels: int) -> float:
-    """Multiply-add FLOPs (x2) of one forward pass, K/V projected once as this port does."""
-    d, dm = cfg.d_input, cfg.d_model
-    once = 2 * batch * n_tokens * (in_channels * d + 2 * d * d)  # kv_proj, then K and V
-    if cfg.synapse_depth == 1:
-        synapse = (d + dm) * 2 * dm
-    else:
-        w = cfg.synapse_widths
-        synapse = (d + dm) * w[0] + 2 * sum(w[i] * w[i + 1] for i in range(len(w) - 1))
-    nlm = dm * (cfg.memory_length * 2 * cfg.memory_hidden_dims + cfg.memory_hidden_dims * 2)
-    if not cfg.deep_nlms:
-        nlm = dm * cfg.memory_length * 2
-    attention = cfg.synch_size_action * d + 2 * d * d + 2 * n_tokens * d
-    per_tick = synapse + nlm + attention + cfg.synch_size_out * cfg.out_dims
-    return once + 2 * batch * cfg.iterations * per_tick
 
 
 def make_steps(cfg: CTMConfig, batch: int, length: int, lr: float = 1e-4):

@@ -12,6 +12,12 @@ Presets follow the reference runs (reference/ctm.md §3):
   cpu     `make demo`: a reduced model on 11x11 mazes (route 32) that trains on a 2-core CPU in
           about 12 minutes
   test    seconds-long runs for the test suite
+  cpu-p2, cpu-p4
+          the P-stream CTM (`MazeStreamsTask`: ParScale's parallel streams around the CTM, with
+          a `streams` section) recycled from the `make demo` run: `init_from=runs/maze_demo`,
+          whose CTM is frozen (`freeze_backbone`); only the P per-pixel input offsets and the
+          aggregator train, for a few thousand steps on the CPU
+  test-p2 the P = 2 CTM trained from scratch at test size (tests set init_from/freeze_backbone)
 Mazes are generated on the fly from a seeded stream unless `task.data_dir` (a prepared tfds
 `generated_mazes` dataset) or `task.image_folder` (the reference's PNG layout) is given.
 
@@ -21,14 +27,17 @@ one place, every value it sets on top of it (no preset builds on another).
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
 from configs import common
 
 # Preset name -> {section: {field: value}}: every value the preset sets on top of the reference
-# config (the large run) written out in `get_config`.
-PRESETS: dict[str, dict[str, dict]] = {
+# config (the large run) written out in `get_config`; a section the reference config lacks
+# (`streams`) is added whole, a non-dict value sets a top-level field (`init_from`).
+PRESETS: dict[str, dict[str, Any]] = {
     "large": {},  # the reference config as written in get_config
     "reference": {},  # the same
     # The README's medium command.
@@ -107,6 +116,119 @@ PRESETS: dict[str, dict[str, dict]] = {
             checkpoint_every=4,
         ),
     },
+    # The P = 2 CTM recycled from the `make demo` run (`:cpu`, in runs/maze_demo): its CTM is
+    # frozen, the two streams' per-pixel input offsets and the per-tick aggregator train.
+    "cpu-p2": {
+        "model": dict(  # = the :cpu model (the recycled checkpoint's)
+            iterations=16,
+            d_model=256,
+            d_input=64,
+            heads=4,
+            n_synch_out=64,
+            n_synch_action=32,
+            synapse_depth=1,
+            memory_length=8,
+            memory_hidden_dims=8,
+            backbone_type="resnet18-1",
+            dropout=0.0,
+            neuron_select_type="random-pairing",
+        ),
+        "task": dict(name="tasks.ctm_maze.task:MazeStreamsTask", size="tiny"),
+        "streams": dict(
+            n_streams=2,  # P
+            transform="additive",  # a learned offset per pixel and colour for each stream
+            transform_stddev=0.02,  # the offsets' N(0, std^2) init (ParScale's)
+            smoothing=0.1,  # stream weights w (1 - eps) + eps / P
+            aggregator_hidden_dim=0,  # 0: the feature width, route * 5
+            mode="fold",  # the streams folded into the batch (one CTM call)
+        ),
+        "init_from": "runs/maze_demo",  # the P = 1 run whose CTM is recycled
+        "freeze_backbone": True,  # train only the stream offsets and the aggregator
+        "optim": dict(lr=2e-3, warmup_steps=100),
+        "train": dict(
+            total_steps=2500,  # about 8 minutes on a 2-core CPU
+            batch_size=32,
+            log_every=50,
+            eval_every=500,
+            eval_batches=32,  # the same 1,024 held-out mazes as the :cpu run
+            checkpoint_every=500,
+        ),
+    },
+    # The same with P = 4.
+    "cpu-p4": {
+        "model": dict(  # = the :cpu model (the recycled checkpoint's)
+            iterations=16,
+            d_model=256,
+            d_input=64,
+            heads=4,
+            n_synch_out=64,
+            n_synch_action=32,
+            synapse_depth=1,
+            memory_length=8,
+            memory_hidden_dims=8,
+            backbone_type="resnet18-1",
+            dropout=0.0,
+            neuron_select_type="random-pairing",
+        ),
+        "task": dict(name="tasks.ctm_maze.task:MazeStreamsTask", size="tiny"),
+        "streams": dict(
+            n_streams=4,
+            transform="additive",
+            transform_stddev=0.02,
+            smoothing=0.1,
+            aggregator_hidden_dim=0,
+            mode="fold",
+        ),
+        "init_from": "runs/maze_demo",
+        "freeze_backbone": True,
+        "optim": dict(lr=2e-3, warmup_steps=100),
+        "train": dict(
+            total_steps=1250,  # about 8 minutes on a 2-core CPU (twice the P = 2 step)
+            batch_size=32,
+            log_every=50,
+            eval_every=250,
+            eval_batches=32,
+            checkpoint_every=250,
+        ),
+    },
+    # The P = 2 CTM at test size, trained from scratch (BatchNorm statistics update, hence
+    # mode='fold'); tests recycle a :test run with init_from=<workdir>, freeze_backbone=True.
+    "test-p2": {
+        "model": dict(
+            iterations=3,
+            d_model=32,
+            d_input=16,
+            heads=2,
+            n_synch_out=8,
+            n_synch_action=8,
+            synapse_depth=1,
+            memory_length=3,
+            memory_hidden_dims=2,
+            backbone_type="resnet18-1",
+            dropout=0.0,
+            neuron_select_type="random-pairing",
+        ),
+        "task": dict(name="tasks.ctm_maze.task:MazeStreamsTask", size="tiny"),
+        "streams": dict(
+            n_streams=2,
+            transform="additive",
+            transform_stddev=0.02,
+            smoothing=0.1,
+            aggregator_hidden_dim=0,
+            mode="fold",
+        ),
+        "init_from": "",  # '' : none
+        "freeze_backbone": False,
+        "optim": dict(lr=2e-3, warmup_steps=2),
+        "train": dict(
+            total_steps=4,
+            batch_size=4,
+            log_every=2,
+            eval_every=4,
+            eval_batches=1,
+            checkpoint_every=4,
+        ),
+    },
 }
 
 
@@ -168,5 +290,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             f"unknown preset {arg!r} for configs/ctm_maze.py; use one of {', '.join(PRESETS)}"
         )
     for section, values in PRESETS[arg].items():
-        config[section].update(values)
+        if not isinstance(values, dict):
+            config[section] = values  # a top-level field (init_from, freeze_backbone)
+        elif section in config:
+            config[section].update(values)
+        else:
+            config[section] = ml_collections.ConfigDict(values)  # a section of its own (streams)
     return config

@@ -21,6 +21,12 @@ P is `--config.model.parscale_n` (1 = plain Qwen2). Presets:
   1.8b-stage2  stage 2: 20B tokens (9,537 steps), P = 8 by default, with
          --config.init_from=<stage-1 workdir>: the backbone comes from stage 1, new prefixes and
          aggregator are initialised randomly, the optimiser and schedule start fresh.
+  arith, arith-p2, arith-p4  the arithmetic LM (tasks/arith_lm: "a+b=c" byte text, loss on the
+         answer): one small model (ARITH_MODEL) from scratch at P = 1, 2, 4, minutes on a CPU.
+  arith-p2-recycle, arith-p4-recycle  P = 2 / 4 prefixes + aggregator on the frozen backbone of
+         the `arith` run (init_from=runs/arith_p1 by default); `python -m launch.export_lm
+         --workdir=runs/arith_p1 --out=DIR --streams_from=<recycled workdirs>` serves all P.
+  arith-test  a seconds-long arithmetic run for the test suite.
 The big presets need `--config.task.tokenizer=/path/to/Qwen2.5/tokenizer.json` and a corpus
 (`--config.task.corpus=files --config.task.paths=...` or a prepared tfds text dataset). Their
 optimiser settings (AdamW 0.9/0.95, weight decay 0.1, clip 1.0, peak lr 3e-4, warm-up then
@@ -40,10 +46,47 @@ Every field can be overridden, e.g. `--config.optim.lr=1e-3 --config.train.total
 
 from __future__ import annotations
 
+import copy
+
 import ml_collections
 from ml_collections import config_dict
 
 from configs import common
+
+# The arithmetic LM (tasks/arith_lm): one model for every `arith*` preset, so that P = 1, 2, 4
+# and the recycled prefix sets share one architecture (and, recycled, one backbone).
+ARITH_STEPS = 800  # optimiser steps of the from-scratch arithmetic runs (32 x 64 tokens each)
+ARITH_RECYCLE_STEPS = 600  # steps of the recycled (frozen-backbone) runs
+ARITH_MODEL = dict(
+    vocab_size=320,  # the byte tokenizer's 258 ids, 64-aligned
+    hidden_size=64,  # model width H
+    intermediate_size=256,  # SwiGLU MLP width
+    num_hidden_layers=3,  # decoder layers (about 0.2M parameters with the embedding)
+    num_attention_heads=4,  # query heads (head_dim 16)
+    num_key_value_heads=2,  # key/value heads (grouped-query attention)
+    max_position_embeddings=128,  # >= task.seq_len
+    tie_word_embeddings=True,  # the LM head reuses the input embedding matrix
+    parscale_n_tokens=16,  # prefix tokens per stream (P > 1); short sequences, small prefix
+    parscale_attn_smooth=0.1,  # eps of the stream weights, as the released checkpoints
+)
+
+
+def arith_task(**overrides) -> ml_collections.ConfigDict:
+    """The `task` section of the arithmetic LM (replaces the corpus LM's section)."""
+    values = dict(
+        name="tasks.arith_lm.task:ArithLMTask",  # the task class, module:Class
+        tokenizer="bytes",  # byte-level text (the only choice)
+        levels=("add:1", "add:2", "add:3", "add:4"),  # ArithmeticTask levels in the mix
+        # Draw probabilities (normalised; () = uniform). Few 4-digit examples: with add:4 at
+        # weight 3 of 9 this model still had not learned to carry after 1400 steps.
+        level_weights=(2.0, 3.0, 3.0, 1.0),
+        seq_len=64,  # tokens per packed training sequence (add:4 examples have <= 16)
+        seed=0,  # the data generator's seed (eval sequences use their own stream)
+        eval_sequences=1024,  # held-out sequences in the eval split
+    )
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)
+
 
 # Preset name -> {section: {field: value}, top-level field: value}: every value the preset sets on
 # top of the base config (the tiny run) written out in `get_config`. The paper-sized presets'
@@ -316,6 +359,111 @@ PRESETS: dict[str, dict] = {
         ),
         "freeze_backbone": True,
     },
+    # Arithmetic LM (tasks/arith_lm, ArithLMTask): "a+b=c" byte text, add:1..add:4, loss on
+    # the answers. Sized so that each from-scratch run takes <= 10 min on a busy 2-core CPU and
+    # leaves 3-/4-digit addition well short of perfect (room for sampling and verification).
+    # A seconds-long run for the tests.
+    "arith-test": {
+        "model": dict(
+            ARITH_MODEL,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            parscale_n_tokens=4,
+        ),
+        "task": arith_task(levels=("add:1", "add:2"), level_weights=(), seq_len=32),
+        "optim": dict(lr=3e-3, warmup_steps=5),
+        "train": dict(
+            total_steps=30,
+            batch_size=8,
+            log_every=5,
+            eval_every=0,
+            eval_batches=2,
+            checkpoint_every=30,
+        ),
+    },
+    # P = 1 from scratch (the backbone the recycled presets start from).
+    "arith": {
+        "model": dict(ARITH_MODEL, parscale_n=1),
+        "task": arith_task(),
+        # lr 1e-2: at 3e-3 this small model stalls for > 1500 steps before it learns to carry.
+        "optim": dict(lr=1e-2, warmup_steps=50, end_lr=1e-4),
+        "train": dict(
+            total_steps=ARITH_STEPS,
+            batch_size=32,  # sequences of 64 tokens, about 4.4 examples each
+            log_every=50,
+            eval_every=200,
+            eval_batches=8,
+            checkpoint_every=200,
+        ),
+    },
+    # The same model and data with P = 2 streams, from scratch.
+    "arith-p2": {
+        "model": dict(ARITH_MODEL, parscale_n=2),
+        "task": arith_task(),
+        # lr 1e-2: at 3e-3 this small model stalls for > 1500 steps before it learns to carry.
+        "optim": dict(lr=1e-2, warmup_steps=50, end_lr=1e-4),
+        "train": dict(
+            total_steps=ARITH_STEPS,
+            batch_size=32,  # sequences of 64 tokens, about 4.4 examples each
+            log_every=50,
+            eval_every=200,
+            eval_batches=8,
+            checkpoint_every=200,
+        ),
+    },
+    # The same model and data with P = 4 streams, from scratch.
+    "arith-p4": {
+        "model": dict(ARITH_MODEL, parscale_n=4),
+        "task": arith_task(),
+        # lr 1e-2: at 3e-3 this small model stalls for > 1500 steps before it learns to carry.
+        "optim": dict(lr=1e-2, warmup_steps=50, end_lr=1e-4),
+        "train": dict(
+            total_steps=ARITH_STEPS,
+            batch_size=32,  # sequences of 64 tokens, about 4.4 examples each
+            log_every=50,
+            eval_every=200,
+            eval_batches=8,
+            checkpoint_every=200,
+        ),
+    },
+    # Recycling the P = 1 run (init_from, by default runs/arith_p1): its backbone frozen, only
+    # the P = 2 prefixes and aggregator train, for fewer steps.
+    "arith-p2-recycle": {
+        "model": dict(ARITH_MODEL, parscale_n=2),
+        "task": arith_task(),
+        # lr 3e-2: the new prefixes first disturb the frozen backbone's attention (the loss starts
+        # far above the P = 1 run's); at 1e-2 300 steps did not recover it, 3e-2 x 600 does.
+        "optim": dict(lr=3e-2, warmup_steps=30, end_lr=1e-4),
+        "train": dict(
+            total_steps=ARITH_RECYCLE_STEPS,
+            batch_size=32,
+            log_every=50,
+            eval_every=100,
+            eval_batches=8,
+            checkpoint_every=100,
+        ),
+        "init_from": "runs/arith_p1",  # the `arith` run's workdir (override to recycle another)
+        "freeze_backbone": True,
+    },
+    # The same with P = 4.
+    "arith-p4-recycle": {
+        "model": dict(ARITH_MODEL, parscale_n=4),
+        "task": arith_task(),
+        # lr 3e-2: the new prefixes first disturb the frozen backbone's attention (the loss starts
+        # far above the P = 1 run's); at 1e-2 300 steps did not recover it, 3e-2 x 600 does.
+        "optim": dict(lr=3e-2, warmup_steps=30, end_lr=1e-4),
+        "train": dict(
+            total_steps=ARITH_RECYCLE_STEPS,
+            batch_size=32,
+            log_every=50,
+            eval_every=100,
+            eval_batches=8,
+            checkpoint_every=100,
+        ),
+        "init_from": "runs/arith_p1",  # the `arith` run's workdir
+        "freeze_backbone": True,
+    },
 }
 
 
@@ -394,6 +542,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for key, value in PRESETS[arg].items():
         if isinstance(value, dict):
             config[key].update(value)
-        else:
-            config[key] = value
+        else:  # a whole section (a ConfigDict: the arithmetic task's) or a top-level value
+            config[key] = copy.deepcopy(value)
     return config

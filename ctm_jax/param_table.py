@@ -154,3 +154,23 @@ PARAM_TABLE = ParamTable(
         ),
     ),
 )
+
+
+# The P-stream CTM: `parscale_jax.parallel.ParallelStreams` around a CTM (the maze task's
+# `StreamedCTM`). The CTM's variables sit under 'backbone' with the paths above; each stream's
+# input transform ('offset' of AdditiveStreamEmbedding, 'prefix' of StreamPrefix) carries a
+# leading P axis; the aggregator's MLP (P*H -> H -> P, H the per-stream feature width) is small.
+# Both are replicated whatever their rank. Nothing here has a reference checkpoint name.
+STREAM_PARAM_AXES: tuple[tuple[str, LogicalAxes], ...] = (
+    ("input_transform/(?:offset|prefix)", None),
+    ("aggregator/dense_[01]/(?:kernel|bias)", None),
+)
+
+
+def streamed_param_axes(prefix: str = "backbone") -> tuple[tuple[str, LogicalAxes], ...]:
+    """The `param_axes` table of a P-stream CTM: every CTM entry under `prefix`, plus the
+    stream transforms and the aggregator (`STREAM_PARAM_AXES`)."""
+    return (
+        *((f"{prefix}/{pattern}", axes) for pattern, axes in PARAM_TABLE.param_axes()),
+        *STREAM_PARAM_AXES,
+    )

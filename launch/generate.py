@@ -8,8 +8,10 @@ Flags use absl's spelling, underscores, not dashes: --max_new_tokens, --parscale
 --max-new-tokens, --parscale-n, --top-k, --top-p). `--prompt` may be repeated for a batch; the
 prompts are left-padded to one length. The checkpoint directory needs config.json, the
 safetensors weights and tokenizer.json; its eos_token_id ends a sequence (kept in the output) and
-its pad_token_id pads. `--parscale_n=1` runs the shared backbone alone (see
-`parscale_jax.generate.at_parscale_n`). Greedy unless `--temperature` > 0, then top-k / top-p
+its pad_token_id pads. `--parscale_n=1` runs the shared backbone alone; another P than the
+checkpoint's own needs that P's prefix/aggregator set in `streams/P{n}.safetensors` (dynamic
+parallel scaling, written by `python -m launch.export_lm --streams_from=...`; see
+`parscale_jax.convert.load_checkpoint`). Greedy unless `--temperature` > 0, then top-k / top-p
 filtered sampling with `--seed`. Prints prompt + continuation per prompt, or with `--json` one
 object {"prompt", "ids", "text"} per line.
 """
@@ -27,7 +29,7 @@ from tokenizers import Tokenizer
 from core.errors import ConfigError, DataError
 from launch import cli
 from parscale_jax.convert import load_checkpoint
-from parscale_jax.generate import at_parscale_n, generate
+from parscale_jax.generate import generate
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Hugging Face checkpoint directory (config.json, weights, tokenizer.json)."
@@ -35,7 +37,10 @@ _CHECKPOINT = flags.DEFINE_string(
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat the flag for a batch).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.")
 _PARSCALE_N = flags.DEFINE_integer(
-    "parscale_n", None, "Run with this many streams (default: the checkpoint's)."
+    "parscale_n",
+    None,
+    "Run with this many streams (default: the checkpoint's; 1: the backbone alone; others "
+    "from streams/P{n}.safetensors).",
 )
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
@@ -63,9 +68,7 @@ def run(
         if not (directory / name).is_file():
             raise DataError(f"{directory / name} does not exist: the checkpoint needs a {name}")
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    config, params = load_checkpoint(directory)
-    if parscale_n is not None:
-        config, params = at_parscale_n(config, params, parscale_n)
+    config, params = load_checkpoint(directory, parscale_n=parscale_n)
     hf = json.loads((directory / "config.json").read_text())
     stop = hf.get("eos_token_id")
     stop_tokens = [stop] if isinstance(stop, int) else list(stop or [])

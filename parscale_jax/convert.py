@@ -1,5 +1,12 @@
 """HF Qwen2 / Qwen2-ParScale checkpoints (config.json + *.safetensors) <-> Flax params.
 
+Dynamic parallel scaling (one backbone, a prefix/aggregator set per P): a checkpoint directory
+may hold `streams/P{n}.safetensors` beside its weights, each with the P = n prefixes and
+aggregator only (HF names) and, in the file's metadata, `parscale_n`, `parscale_n_tokens`,
+`parscale_attn_smooth` and `backbone_sha256` (`backbone_digest` of the backbone it was trained
+with). `load_checkpoint(dir, parscale_n=n)` assembles that P: the directory's backbone (its
+weights without their own prefixes and aggregator) plus the set; P = 1 is the bare backbone.
+
 The weight mapping only; `parscale_jax.oracle` checks the port against reference outputs.
 
 Names: `parscale_jax/param_table.py` lists every module once, with its HF tensor name
@@ -10,6 +17,8 @@ Linear weights are (out, in), Flax kernels (in, out); everything else is copied 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -21,15 +30,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from core.errors import CheckpointMismatchError
+from core.errors import CheckpointMismatchError, ConfigError
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.model import ParScaleLM
 from parscale_jax.param_table import PARAM_TABLE
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+STREAMS_DIR = "streams"  # per-P prefix/aggregator sets: streams/P{n}.safetensors
 
 
 def hf_key(path: tuple[str, ...]) -> str:
@@ -145,14 +156,121 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"{directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[ParScaleConfig, dict[str, Any]]:
-    """An HF checkpoint directory -> (config, Flax params)."""
+def is_stream_tensor(name: str) -> bool:
+    """True for an HF tensor name of the P-specific weights (prefixes, aggregator)."""
+    return name.startswith("model.aggregate_layer.") or name.endswith(
+        (".self_attn.prefix_k", ".self_attn.prefix_v")
+    )
+
+
+def backbone_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 (hex) of the backbone tensors of an HF state dict (names, dtypes, shapes, bytes),
+    the P-specific ones left out: equal digests mean a bit-identical backbone."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in tensors if not is_stream_tensor(n)):
+        value = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def stream_file(directory: str | os.PathLike, parscale_n: int) -> Path:
+    return Path(directory) / STREAMS_DIR / f"P{int(parscale_n)}.safetensors"
+
+
+def available_streams(directory: str | os.PathLike) -> list[int]:
+    """The P values a checkpoint directory can serve: 1 (the bare backbone), its own P and
+    every streams/P{n}.safetensors."""
+    config = ParScaleConfig.from_hf(json.loads((Path(directory) / "config.json").read_text()))
+    found = {1, config.parscale_n}
+    folder = Path(directory) / STREAMS_DIR
+    if folder.is_dir():
+        for path in folder.glob("P*.safetensors"):
+            if path.stem[1:].isdigit():
+                found.add(int(path.stem[1:]))
+    return sorted(found)
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, parscale_n: int | None = None
+) -> tuple[ParScaleConfig, dict[str, Any]]:
+    """An HF checkpoint directory -> (config, Flax params).
+
+    `parscale_n` (default: the checkpoint's own P) picks the number of streams: the checkpoint's
+    own P loads everything; 1 loads the backbone alone (prefixes and aggregator dropped); any
+    other P needs `streams/P{n}.safetensors` (see the module docstring), whose backbone digest
+    must match this directory's backbone (CheckpointMismatchError otherwise). ConfigError names
+    the P values available when the asked one is not.
+    """
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} does not exist")
     config = ParScaleConfig.from_hf(json.loads(config_path.read_text()))
-    return config, params_from_state_dict(config, read_safetensors(directory))
+    tensors = read_safetensors(directory)
+    if parscale_n is None or parscale_n == config.parscale_n:
+        return config, params_from_state_dict(config, tensors)
+    backbone = {k: v for k, v in tensors.items() if not is_stream_tensor(k)}
+    if parscale_n == 1:
+        config = dataclasses.replace(config, parscale_n=1)
+        return config, params_from_state_dict(config, backbone)
+    path = stream_file(directory, parscale_n)
+    if not path.is_file():
+        have = ", ".join(map(str, available_streams(directory)))
+        raise ConfigError(
+            f"parscale_n={parscale_n} is not available in {directory}: it has no "
+            f"{STREAMS_DIR}/{path.name}; it serves P = {have}"
+        )
+    with safe_open(str(path), framework="np") as f:
+        meta = dict(f.metadata() or {})
+        streams = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    try:
+        config = dataclasses.replace(
+            config,
+            parscale_n=int(meta["parscale_n"]),
+            parscale_n_tokens=int(meta["parscale_n_tokens"]),
+            parscale_attn_smooth=float(meta["parscale_attn_smooth"]),
+        ).validate(prefix=f"{path} ")
+        digest = meta["backbone_sha256"]
+    except (KeyError, ValueError) as e:
+        raise CheckpointMismatchError(f"{path} metadata is incomplete or invalid: {e}") from None
+    if config.parscale_n != parscale_n:
+        raise CheckpointMismatchError(
+            f"{path} holds the streams of parscale_n={config.parscale_n}, not {parscale_n}"
+        )
+    if digest != backbone_digest(backbone):
+        raise CheckpointMismatchError(
+            f"{path} was trained with another backbone than the one in {directory} (backbone "
+            "sha256 differs); export the streams with this base model"
+        )
+    stray = sorted(k for k in streams if not is_stream_tensor(k))
+    if stray:
+        raise CheckpointMismatchError(f"{path} holds backbone tensors: {stray[:5]}")
+    return config, params_from_state_dict(config, {**backbone, **streams})
+
+
+def save_streams(
+    directory: str | os.PathLike, config: ParScaleConfig, params: Mapping[str, Any]
+) -> Path:
+    """Writes the prefixes and aggregator of a P > 1 model (`params`) as
+    streams/P{P}.safetensors under `directory` (the module docstring's format; the backbone
+    digest is of `params`' own backbone); returns the file's path."""
+    if config.parscale_n < 2:
+        raise ConfigError(f"parscale_n={config.parscale_n} has no streams to save: need P > 1")
+    tensors = state_dict_from_params(params)
+    meta = {
+        "format": "pt",
+        "parscale_n": str(config.parscale_n),
+        "parscale_n_tokens": str(config.parscale_n_tokens),
+        "parscale_attn_smooth": repr(float(config.parscale_attn_smooth)),
+        "backbone_sha256": backbone_digest(tensors),
+    }
+    path = stream_file(directory, config.parscale_n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v for k, v in tensors.items() if is_stream_tensor(k)}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

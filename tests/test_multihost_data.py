@@ -250,7 +250,9 @@ def test_two_processes_split_the_data_stop_together_on_sigterm_and_resume(tmp_pa
     assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     for index, output in enumerate(outputs):
         assert f"process {index} of 2: 1 local of 2 devices" in output
-    steps = [int(re.search(r"preempted at step (\d+): saved", o).group(1)) for o in outputs]
+    found = [re.search(r"preempted at step (\d+): saved", o) for o in outputs]
+    assert all(found), "\n---\n".join(o[-3000:] for o in outputs)  # which log lacks it
+    steps = [int(m.group(1)) for m in found]
     assert steps[0] == steps[1] and 8 <= steps[0] < TWO_PROCESS_TOTAL, steps
     stopped = steps[0]
     assert checkpoint_steps(workdir) == [stopped]

@@ -1,0 +1,1 @@
+"""Verifier-driven inference-time scaling: repeated and sequential sampling on checkable tasks."""

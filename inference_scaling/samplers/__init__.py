@@ -1,0 +1,1 @@
+"""Samplers: models wrapped for the N-sample engine (`inference_scaling.engine.Sampler`)."""
