@@ -7,7 +7,7 @@ level, so its names leave it out). Kernels, LayerNorm / BatchNorm scales and emb
 called 'weight' in torch; BatchNorm running statistics (collection 'batch_stats') and the neuron
 index buffers ('buffers') use the names of the module they sit in.
 
-Logical axis names (train_lib.sharding maps them to mesh axes with the config's `mesh.rules`;
+Logical axis names (the trainer's sharding maps them to mesh axes with the config's `mesh.rules`;
 `None` for a dimension means "never sharded", `None` for a whole entry "replicated, whatever the
 rank"):
   neurons      d_model: the state, per-neuron NLM weights, synapse outputs  (tensor parallel)

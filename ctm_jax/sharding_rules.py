@@ -2,7 +2,7 @@
 
 Derived from `ctm_jax.param_table.PARAM_TABLE`, which lists each module once (its Flax path, its
 reference state-dict name and its parameters' logical axes; the axis names are documented
-there). `train_lib.sharding` matches each parameter path ('ticks/synapses/linear/dense/kernel')
+there). The trainer's sharding matches each parameter path ('ticks/synapses/linear/dense/kernel')
 against these regexes (full match; every leaf must match exactly one) and maps the names to mesh
 axes with the config's `mesh.rules`.
 """

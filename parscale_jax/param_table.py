@@ -5,7 +5,7 @@ safetensors key map (`convert.hf_key`) are derived from `PARAM_TABLE`; see `core
 Kernels and the embedding are called 'weight' in HF (kernels transposed: torch Linear weights
 are (out, in), Flax kernels (in, out)).
 
-Logical axis names (train_lib.sharding maps them to mesh axes with the config's `mesh.rules`;
+Logical axis names (the trainer's sharding maps them to mesh axes with the config's `mesh.rules`;
 `None` for a dimension means "never sharded"): embed (hidden size H, FSDP), heads / kv_heads
 (query / key-value heads, tensor parallel; the projections' merged heads * head_dim dim),
 head_dim, mlp (intermediate size, tensor parallel), vocab (tensor parallel), streams (P), prefix
