@@ -221,7 +221,9 @@ def _wait_all(procs: list, timeout: float = 300) -> list[int]:
                 proc.wait()
 
 
-TWO_PROCESS_TOTAL = 30
+# Enough steps after the SIGTERM (sent at step 8) for the preemption notice to reach both
+# processes: at ~30 steps/s a 30-step run sometimes finished before it did.
+TWO_PROCESS_TOTAL = 400
 TWO_PROCESS_OVERRIDES = (
     f"--config.train.total_steps={TWO_PROCESS_TOTAL}",
     "--config.train.checkpoint_every=1000",  # only the preemption and the final step save
