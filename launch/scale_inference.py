@@ -92,15 +92,21 @@ def level_summaries(
 
 
 def cost_stats(cost: np.ndarray, flops: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
-    """Mean cost per sample, the paper's cost nondeterminism, and each aggregator's total."""
+    """Mean cost per sample, the paper's cost nondeterminism (also split into always-correct /
+    always-wrong / mixed instances), and each aggregator's total."""
     mean, std = ledger.per_instance_cost(cost)
+    by_outcome = {
+        name: float(std[mask].mean()) if mask.any() else None
+        for name, mask in ledger.split_by_outcome(correct).items()
+    }
     totals = {
         name: float(ledger.aggregator_cost(flops, name).mean())
         for name in ledger.PARALLEL_AGGREGATORS
     }
     return {
         "mean": float(cost.mean()),
-        "std_within": ledger.cost_nondeterminism(cost),
+        "std_within": float(std.mean()),
+        "std_by_outcome": by_outcome,
         "instance_mean": [float(x) for x in mean],
         "flops_per_sample": float(flops.mean()),
         "flops_total_per_instance": totals,
@@ -143,11 +149,6 @@ def run_setting(
     summary["levels"] = level_summaries(table, ks, int(config.seed))
     summary["diversity"] = sampler.diversity
     summary["seconds"] = time.perf_counter() - t0
-    outcome = ledger.split_by_outcome(table.correct)
-    summary["cost"]["std_by_outcome"] = {
-        k: float(ledger.per_instance_cost(table.cost)[1][m].mean()) if m.any() else None
-        for k, m in outcome.items()
-    }
     rounds = int(config.sequential.rounds)
     if rounds > 0:
         summary["sequential"] = run_sequential_setting(
