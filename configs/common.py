@@ -41,6 +41,7 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
         checkpoint_every=1000,  # steps between checkpoints (the last step is always saved)
         keep_checkpoints=3,  # the latest checkpoints kept on disk; older ones are deleted
         async_checkpointing=True,  # Orbax writes checkpoints in the background
+        checkpoint_checksums=True,  # SHA-256 of every checkpoint file, checked before a restore
         data_threads=1,  # grain read threads
         data_prefetch=8,  # grain prefetch buffer size, in batches
         profile_steps="",  # 'START,STOP': XLA trace of those steps into <workdir>/tensorboard

@@ -123,7 +123,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg in (None, ""):
         return config
     if arg not in PRESETS:
-        raise ValueError(f"unknown preset {arg!r} for configs/ctm_parity.py; use tiny or test")
+        raise ValueError(
+            f"unknown preset {arg!r} for configs/ctm_parity.py; use one of {', '.join(PRESETS)}"
+        )
     for section, values in PRESETS[arg].items():
         config[section].update(values)
     return config

@@ -31,3 +31,17 @@ class NonFiniteError(Error, RuntimeError):
         super().__init__(message)
         self.step = step
         self.metrics = metrics
+
+
+class DamagedCheckpointError(Error, RuntimeError):
+    """A checkpoint whose files differ from what was saved (garbled, truncated, missing, invalid
+    JSON): names the step and the file. Never raised for a checkpoint of another model."""
+
+    def __init__(self, message: str, *, step: int | None = None, file: str | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.file = file
+
+
+class WorkdirInUseError(Error, RuntimeError):
+    """Another live process is writing the workdir (its lock file names the host and pid)."""

@@ -17,8 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from core.errors import ConfigError
 from launch import cli
@@ -27,9 +26,8 @@ from tasks.ctm_maze.data import PRESETS
 from train_lib.metrics import read_metrics
 from train_lib.trainer import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/ctm_maze.py:cpu", "Maze config (default: the :cpu preset).", lock_config=True
-)
+# Its default is loaded by cli.run (not at import), so a bad `--config.` override is one line too.
+_CONFIG = cli.define_config_file("config", "configs/ctm_maze.py:cpu", "Maze config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/maze_demo", "Run directory.")
 _INDEX = flags.DEFINE_integer("index", 0, "Eval maze to draw.")
 
@@ -73,4 +71,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

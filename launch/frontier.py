@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 from configs import inference_scaling as presets
 from core.errors import ConfigError
@@ -142,4 +142,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

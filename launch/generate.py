@@ -23,13 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from tokenizers import Tokenizer
 
 from core.errors import ConfigError, DataError
 from launch import cli
-from parscale_jax.convert import load_checkpoint
-from parscale_jax.generate import generate
+from parscale_jax.convert import load_checkpoint, read_config, read_hf_config
+from parscale_jax.generate import check_settings, generate, prompt_limit
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Hugging Face checkpoint directory (config.json, weights, tokenizer.json)."
@@ -50,6 +50,47 @@ _JSON = flags.DEFINE_bool("json", False, "Print ids and text as JSON, one object
 flags.mark_flags_as_required(["checkpoint", "prompt"])
 
 
+def check_flags(
+    max_new_tokens: int,
+    parscale_n: int | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> None:
+    """ConfigError naming the first impossible flag value, before anything is read."""
+    try:
+        check_settings(max_new_tokens, temperature, top_k, top_p)
+    except ConfigError as e:
+        raise ConfigError(f"--{e}") from None
+    if parscale_n is not None and parscale_n < 1:
+        raise ConfigError(
+            f"--parscale_n={parscale_n} is invalid: must be >= 1 (1: the backbone alone)"
+        )
+
+
+def _token_id(hf: dict, field: str, path: Path, vocab_size: int) -> list[int]:
+    """config.json's `field` (an id, a list of ids, or null) as a list; DataError otherwise."""
+    value = hf.get(field)
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        raise DataError(
+            f"{path} {field}={value!r} is invalid: expected a token id in [0, {vocab_size}), "
+            "a list of them, or null"
+        )
+    return ids
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """tokenizer.json through the `tokenizers` library; DataError naming the file."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: the checkpoint needs a {path.name}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception)
+        detail = " ".join(str(e).split())
+        raise DataError(f"{path} is not a readable tokenizer.json: {detail}") from None
+
+
 def run(
     directory: Path,
     prompts: Sequence[str],
@@ -61,21 +102,52 @@ def run(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> list[dict]:
-    """Generates for each prompt: [{"prompt", "ids" (new ids, up to the stop token), "text"}]."""
+    """Generates for each prompt: [{"prompt", "ids" (new ids, up to the stop token), "text"}].
+
+    Every bad input ends in one core.errors line before anything is traced: a flag value, a
+    missing directory or file, a config.json that is not JSON or has a field of the wrong type,
+    a truncated safetensors file, a P the checkpoint cannot serve, a prompt that is empty or
+    longer than max_position_embeddings - max_new_tokens."""
+    check_flags(max_new_tokens, parscale_n, temperature, top_k, top_p)
     if not directory.is_dir():
-        raise ConfigError(f"checkpoint={directory} is invalid: not a directory")
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise ConfigError(f"--checkpoint={directory} is invalid: the directory {what}")
     for name in ("config.json", "tokenizer.json"):
         if not (directory / name).is_file():
             raise DataError(f"{directory / name} does not exist: the checkpoint needs a {name}")
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    config, params = load_checkpoint(directory, parscale_n=parscale_n)
-    hf = json.loads((directory / "config.json").read_text())
-    stop = hf.get("eos_token_id")
-    stop_tokens = [stop] if isinstance(stop, int) else list(stop or [])
-
+    hf = read_hf_config(directory)
+    config = read_config(directory)  # config.json's fields checked (types too) before loading
+    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    config_path = directory / "config.json"
+    stop_tokens = _token_id(hf, "eos_token_id", config_path, config.vocab_size)
+    pad_ids = _token_id(hf, "pad_token_id", config_path, config.vocab_size)
+    pad_id = pad_ids[0] if pad_ids else 0
+    try:
+        limit = prompt_limit(config, max_new_tokens)
+    except ConfigError:
+        raise ConfigError(
+            f"--max_new_tokens={max_new_tokens} is invalid: must be < max_position_embeddings="
+            f"{config.max_position_embeddings} of {config_path} (room for the prompt)"
+        ) from None
     encoded = [tokenizer.encode(p).ids for p in prompts]
+    for index, (prompt, seq) in enumerate(zip(prompts, encoded, strict=True)):
+        if not seq:
+            raise ConfigError(
+                f"--prompt #{index} ({prompt!r}) is invalid: it encodes to 0 tokens; give at "
+                "least one"
+            )
+        if len(seq) > limit:
+            raise ConfigError(
+                f"--prompt #{index} is invalid: it is {len(seq)} tokens long, the limit is "
+                f"{limit} (max_position_embeddings={config.max_position_embeddings} of "
+                f"{config_path} - --max_new_tokens={max_new_tokens})"
+            )
+    try:
+        config, params = load_checkpoint(directory, parscale_n=parscale_n)
+    except ConfigError as e:
+        raise ConfigError(f"--{e}" if str(e).startswith("parscale_n=") else str(e)) from None
+
     width = max(len(ids) for ids in encoded)
-    pad_id = int(hf.get("pad_token_id") or 0)
     ids = np.full((len(encoded), width), pad_id, np.int32)
     mask = np.zeros((len(encoded), width), np.int32)
     for row, seq in enumerate(encoded):  # left padding
@@ -124,4 +196,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

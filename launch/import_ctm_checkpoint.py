@@ -19,10 +19,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from configs import ctm_maze, ctm_parity
-from core.errors import CheckpointMismatchError, DataError
+from core.errors import CheckpointMismatchError, ConfigError, DataError, Error
 from ctm_jax.convert import import_state_dict
 from ctm_jax.reference_checkpoint import (
     check_args_fit_state_dict,
@@ -135,9 +135,19 @@ def import_checkpoint_dict(
     """`import_torch_checkpoint` for an already loaded checkpoint dict (`path` names it)."""
     state_dict, args, iteration = ctm_checkpoint_parts(checkpoint, path)
     step = iteration or 0
-    config, task_fields = reference_training_config(args, path, step)
+    try:
+        config, task_fields = reference_training_config(args, path, step)
+    except (TypeError, ValueError, KeyError) as e:
+        if isinstance(e, Error):
+            raise
+        raise DataError(
+            f"{path}: the saved args cannot be read ({type(e).__name__}: {e})"
+        ) from None
     check_args_fit_state_dict(reference_model_kwargs(args, path), task_fields, state_dict, path)
-    exp = trainer.build_experiment(config)
+    try:
+        exp = trainer.build_experiment(config)
+    except ConfigError as e:
+        raise DataError(f"{path}: its saved args make an impossible config: {e}") from None
     try:
         variables = import_state_dict(exp.task.model_config, state_dict)
     except CheckpointMismatchError as e:
@@ -163,4 +173,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["checkpoint", "out"])
-    app.run(main)
+    cli.run(main)

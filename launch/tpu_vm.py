@@ -18,7 +18,8 @@ same `python -m launch.train --multihost ...` on every worker in the background 
 pid file); re-running it after a preemption resumes from the latest checkpoint in the gs:// workdir.
 
 A failed gcloud command or a bad value is one `error: ...` line and exit status 1; a wrong
-command line (unknown subcommand, missing name or flag) prints this usage and exits 1.
+command line (unknown subcommand or flag, missing name or flag) is one `error: ...` line and exit
+status 2 (`--help` prints this usage).
 """
 
 from __future__ import annotations
@@ -469,7 +470,7 @@ def parse_flags(
     Returns [argv[0], *positionals, *overrides]: the positionals in order (subcommand, name, any
     strays), then the `--config.FIELD=VALUE` arguments found before `--` and everything after
     `--`, in order. Those are set aside before absl parses, which would reject them as unknown
-    flags. A flag error prints absl's `FATAL Flags parsing error` line and exits 1."""
+    flags. A flag error raises absl's flags.Error (`cli.run` and `run` print `error: ...`)."""
     program, *args = argv
     after_dashes: list[str] = []
     if "--" in args:
@@ -482,21 +483,16 @@ def parse_flags(
         sys.exit(0)
     overrides = [a for a in args if a.startswith(_OVERRIDE_PREFIX)]
     args = [a for a in args if not a.startswith(_OVERRIDE_PREFIX)]
-    try:
-        rest = FV([program, *args], known_only=True)
-        if absl_flags is not None:
-            rest = absl_flags(rest, known_only=True)
-        unknown = [a for a in rest[1:] if a.startswith("-") and a != "-"]
-        if unknown:
-            name = unknown[0].lstrip("-").split("=", 1)[0]
-            known = [*FV, *(absl_flags or ())]
-            raise flags.UnrecognizedFlagError(
-                name, unknown[0], suggestions=difflib.get_close_matches(name, known, n=3)
-            )
-    except flags.Error as e:
-        sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
-        sys.stderr.write("Pass --help to see the flags.\n")
-        sys.exit(1)
+    rest = FV([program, *args], known_only=True)
+    if absl_flags is not None:
+        rest = absl_flags(rest, known_only=True)
+    unknown = [a for a in rest[1:] if a.startswith("-") and a != "-"]
+    if unknown:
+        name = unknown[0].lstrip("-").split("=", 1)[0]
+        known = [*FV, *(absl_flags or ())]
+        raise flags.UnrecognizedFlagError(
+            name, unknown[0], suggestions=difflib.get_close_matches(name, known, n=3)
+        )
     return [*rest, *overrides, *after_dashes]
 
 
@@ -584,19 +580,18 @@ def main(argv: Sequence[str]) -> None:
 
 def run(argv: Sequence[str]) -> int:
     """In-process `python -m launch.tpu_vm ARGV...` (argv without the program name): the same
-    parser and main as `app.run`; returns 0, or 1 after printing the `error: ...` line. A usage
-    or flag error prints absl's usage (or flag error) and raises SystemExit, as on the command
+    parser and main as `cli.run`; returns 0, or 1 after printing the `error: ...` line. A usage
+    or flag error prints its `error: ...` line and raises SystemExit(2), as on the command
     line. absl's global FLAGS are the host process's and stay untouched (parsing them would run
     the validators of every launcher it imported, e.g. launch.train's required --workdir), so
     absl's own flags (-v, ...) are unknown here. FV is reset afterwards, so calls do not leak
     values into each other."""
     try:
-        parsed = parse_flags([PROG, *argv], absl_flags=None)
+        with cli.flag_errors([PROG, *argv], (FV,)):
+            parsed = parse_flags([PROG, *argv], absl_flags=None)
         try:
-            main(parsed)
-        except app.UsageError as e:  # what app.run prints: the docstring, then the error
-            sys.stderr.write(f"{__doc__}\n{e}\n")
-            raise SystemExit(e.exitcode) from None
+            with cli.usage_errors():
+                main(parsed)
         except SystemExit as e:
             if not isinstance(e.code, str):
                 raise
@@ -608,4 +603,4 @@ def run(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, flags_parser=parse_flags, flag_values=(FV, flags.FLAGS))

@@ -3,7 +3,9 @@
 Any config field can be overridden, e.g. `--config.optim.lr=3e-4 --config.train.total_steps=500`.
 Re-running the same command resumes from the latest checkpoint in the workdir. A bad config value
 or a non-finite metric ends the run with a one-line `error: ...` and a non-zero exit status.
-SIGTERM (preemption) saves a checkpoint at the next step boundary and exits with status 0.
+SIGTERM (preemption) and a first Ctrl-C save a checkpoint at the next step boundary and exit with
+status 0; a second Ctrl-C (or one before training starts) stops at once, naming the checkpoint a
+re-run resumes from (status 130). A second trainer on a live run's workdir refuses (LOCK file).
 
 Multi-host (TPU pod slices, Slurm): run the same command on every host with `--multihost` and a
 shared `--workdir` (e.g. gs://bucket/run); `jax.distributed.initialize()` finds the coordinator
@@ -13,6 +15,7 @@ also several CPU processes on one machine).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -20,7 +23,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import cli
-from train_lib.trainer import train_and_evaluate
+from train_lib import checkpointing
+from train_lib.trainer import CHECKPOINT_DIR, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -66,8 +70,23 @@ def main(argv: Sequence[str]) -> None:
     # Expected failures (core.errors.Error): one line, no traceback, non-zero exit. Returns
     # normally after a SIGTERM too (checkpoint saved): exit status 0.
     with cli.one_line_errors():
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        try:
+            train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        except KeyboardInterrupt:
+            # Ctrl-C before the loop watches for it (building, compiling) or a second Ctrl-C.
+            if cli.verbose():
+                raise
+            print(f"error: interrupted; {resume_point(_WORKDIR.value)}", file=sys.stderr)
+            raise SystemExit(130) from None
+
+
+def resume_point(workdir: str) -> str:
+    """Where re-running the command will start: the newest committed checkpoint, if any."""
+    steps = checkpointing.committed_steps(checkpointing.as_path(workdir) / CHECKPOINT_DIR)
+    if not steps:
+        return f"no checkpoint in {workdir}: re-running the command starts from step 0"
+    return f"re-running the command resumes from the checkpoint at step {steps[-1]} in {workdir}"
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,6 +11,14 @@ from core.errors import ConfigError
 MODEL_TYPES = ("qwen2", "qwen2_parscale")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class ParScaleConfig:
     """A Qwen2-family decoder with P parallel streams (P = `parscale_n`; P = 1 is plain Qwen2).
@@ -47,8 +55,15 @@ class ParScaleConfig:
         return self.parscale_n_tokens if self.parscale_n > 1 else 0
 
     def validate(self, prefix: str = "model.") -> ParScaleConfig:
+        """Checks every field's type, then the values and how they fit together; ConfigError
+        `<prefix><field>=<value> is invalid: ...` names the first field at fault (so that a
+        config.json with "hidden_size": "64" fails here, before anything is traced)."""
+
         def fail(field: str, allowed: str) -> None:
             raise ConfigError(f"{prefix}{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        def got(field: str) -> str:
+            return f"got {type(getattr(self, field)).__name__}"
 
         for name in (
             "vocab_size",
@@ -61,8 +76,23 @@ class ParScaleConfig:
             "max_position_embeddings",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value):
+                fail(name, f"expected a positive integer, {got(name)}")
+            if value < 1:
                 fail(name, "must be a positive integer")
+        if self.head_dim is not None and not (_is_int(self.head_dim) and self.head_dim > 0):
+            fail("head_dim", f"expected a positive integer or null, {got('head_dim')}")
+        if not _is_int(self.parscale_n_tokens):
+            fail("parscale_n_tokens", f"expected an integer, {got('parscale_n_tokens')}")
+        for name in ("rope_theta", "rms_norm_eps", "parscale_attn_smooth"):
+            if not _is_number(getattr(self, name)):
+                fail(name, f"expected a number, {got(name)}")
+        if not self.rope_theta > 0:
+            fail("rope_theta", "must be positive")
+        if not self.rms_norm_eps >= 0:
+            fail("rms_norm_eps", "must be >= 0")
+        if not isinstance(self.tie_word_embeddings, bool):
+            fail("tie_word_embeddings", f"expected true or false, {got('tie_word_embeddings')}")
         if self.num_attention_heads % self.num_key_value_heads:
             fail(
                 "num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}"
@@ -96,37 +126,58 @@ class ParScaleConfig:
         return cls(**values).validate(prefix)
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> ParScaleConfig:
-        """From an HF config.json dict of model_type 'qwen2' or 'qwen2_parscale'."""
+    def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> ParScaleConfig:
+        """From an HF config.json dict of model_type 'qwen2' or 'qwen2_parscale'.
+
+        `source` (the file's path) starts every ConfigError message, which names the field, what
+        it must be and what the file holds."""
+
+        def fail(field: str, value: Any, allowed: str) -> ConfigError:
+            return ConfigError(f"{source} {field}={value!r} is invalid: {allowed}")
+
+        if not isinstance(hf, Mapping):
+            raise ConfigError(
+                f"{source} is invalid: expected a JSON object of model fields, got "
+                f"{type(hf).__name__}"
+            )
         model_type = hf.get("model_type")
         if model_type not in MODEL_TYPES:
-            raise ConfigError(
-                f"config.json model_type={model_type!r} is invalid: allowed: "
-                f"{', '.join(MODEL_TYPES)}"
-            )
+            raise fail("model_type", model_type, f"allowed: {', '.join(MODEL_TYPES)}")
         if hf.get("use_sliding_window"):
-            raise ConfigError(
-                "config.json use_sliding_window=True is invalid: sliding-window "
-                "attention is not supported (every Qwen2/ParScale release has it off)"
+            raise fail(
+                "use_sliding_window",
+                hf["use_sliding_window"],
+                "sliding-window attention is not supported (every Qwen2/ParScale release has "
+                "it off)",
             )
         if hf.get("rope_scaling"):
-            raise ConfigError(
-                f"config.json rope_scaling={hf['rope_scaling']!r} is invalid: only "
-                "plain RoPE is supported"
-            )
+            raise fail("rope_scaling", hf["rope_scaling"], "only plain RoPE is supported")
         known = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
         values = {k: hf[k] for k in known if k in hf and hf[k] is not None}
         rope = hf.get("rope_parameters")  # transformers >= 5 moved rope_theta in here
         if rope is not None and "rope_theta" not in values:
+            if not isinstance(rope, Mapping):
+                raise fail("rope_parameters", rope, "expected a JSON object")
             if rope.get("rope_type", "default") != "default":
-                raise ConfigError(
-                    f"config.json rope_parameters.rope_type={rope['rope_type']!r} "
-                    "is invalid: only plain RoPE ('default') is supported"
+                raise fail(
+                    "rope_parameters.rope_type",
+                    rope["rope_type"],
+                    "only plain RoPE ('default') is supported",
                 )
-            values["rope_theta"] = rope["rope_theta"]
+            if "rope_theta" in rope:
+                values["rope_theta"] = rope["rope_theta"]
         if model_type == "qwen2":
             values["parscale_n"] = 1
-        return cls(**values).validate(prefix="config.json ")
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in values
+        )
+        if missing:
+            raise ConfigError(
+                f"{source} is invalid: it lacks the model field(s) {', '.join(missing)}"
+            )
+        return cls(**values).validate(prefix=f"{source} ")
 
     def to_hf(self) -> dict[str, Any]:
         """An HF config.json dict (Qwen2ParScale when P > 1, otherwise plain Qwen2)."""

@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from core.errors import CheckpointMismatchError, ConfigError
+from core.errors import CheckpointMismatchError, ConfigError, DataError
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.model import ParScaleLM
 from parscale_jax.param_table import PARAM_TABLE
@@ -123,23 +123,83 @@ def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 # Files
 
 
+def checkpoint_directory(directory: str | os.PathLike) -> Path:
+    """`directory` as a Path; DataError naming it when it does not exist or is not a folder."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise DataError(f"checkpoint directory {directory} {what}")
+    return directory
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON value of `path`; DataError naming the file when it is missing or not JSON."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of a checkpoint directory as a dict (DataError naming the directory or
+    the file when either is missing, or when the file is not a JSON object)."""
+    path = checkpoint_directory(directory) / "config.json"
+    hf = _read_json(path, "a Hugging Face checkpoint directory needs a config.json")
+    if not isinstance(hf, dict):
+        raise DataError(
+            f"{path} is invalid: expected a JSON object of model fields, got {type(hf).__name__}"
+        )
+    return hf
+
+
+def read_config(directory: str | os.PathLike) -> ParScaleConfig:
+    """The ParScaleConfig of a checkpoint directory's config.json, every field checked (its
+    type too) before anything is traced: ConfigError names the file, the field and the value."""
+    hf = read_hf_config(directory)
+    return ParScaleConfig.from_hf(hf, source=str(Path(directory) / "config.json"))
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of one .safetensors file; DataError naming it when it cannot be read."""
+    try:
+        try:
+            return load_file(str(path))
+        except TypeError:  # numpy has no bfloat16 (most released checkpoints): read via jax
+            with safe_open(str(path), framework="flax") as f:
+                return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, TypeError, ValueError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {detail}"
+        ) from None
+
+
 def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint directory: single file or sharded with an index."""
-    directory = Path(directory)
+    directory = checkpoint_directory(directory)
     index_path = directory / INDEX_FILE
     if index_path.exists():
-        index = json.loads(index_path.read_text())
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointMismatchError(f"{index_path} has no 'weight_map' dict")
+        index = _read_json(index_path, "")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise DataError(
+                f"{index_path} is invalid: expected a 'weight_map' object of tensor name -> "
+                "shard file name"
+            )
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = directory / shard
-            if not shard_path.exists():
+            if not shard_path.is_file():
                 raise CheckpointMismatchError(
                     f"{index_path} names shard {shard!r}, which is missing from {directory}"
                 )
-            loaded = load_file(str(shard_path))
+            loaded = _load_safetensors(shard_path)
             stray = sorted(k for k in loaded if weight_map.get(k) != shard)
             if stray:
                 raise CheckpointMismatchError(
@@ -152,8 +212,13 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
         return tensors
     single = directory / SINGLE_FILE
     if single.exists():
-        return load_file(str(single))
-    raise FileNotFoundError(f"{directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
+        return _load_safetensors(single)
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    found = f" (it has {', '.join(others[:3])} but no index)" if others else ""
+    raise DataError(
+        f"{directory} holds no safetensors weights: expected {SINGLE_FILE}, or {INDEX_FILE} "
+        f"and its shards{found}"
+    )
 
 
 def is_stream_tensor(name: str) -> bool:
@@ -181,7 +246,7 @@ def stream_file(directory: str | os.PathLike, parscale_n: int) -> Path:
 def available_streams(directory: str | os.PathLike) -> list[int]:
     """The P values a checkpoint directory can serve: 1 (the bare backbone), its own P and
     every streams/P{n}.safetensors."""
-    config = ParScaleConfig.from_hf(json.loads((Path(directory) / "config.json").read_text()))
+    config = read_config(directory)
     found = {1, config.parscale_n}
     folder = Path(directory) / STREAMS_DIR
     if folder.is_dir():
@@ -202,11 +267,8 @@ def load_checkpoint(
     must match this directory's backbone (CheckpointMismatchError otherwise). ConfigError names
     the P values available when the asked one is not.
     """
-    directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} does not exist")
-    config = ParScaleConfig.from_hf(json.loads(config_path.read_text()))
+    directory = checkpoint_directory(directory)
+    config = read_config(directory)
     tensors = read_safetensors(directory)
     if parscale_n is None or parscale_n == config.parscale_n:
         return config, params_from_state_dict(config, tensors)
@@ -221,9 +283,15 @@ def load_checkpoint(
             f"parscale_n={parscale_n} is not available in {directory}: it has no "
             f"{STREAMS_DIR}/{path.name}; it serves P = {have}"
         )
-    with safe_open(str(path), framework="np") as f:
-        meta = dict(f.metadata() or {})
-        streams = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = dict(f.metadata() or {})
+            streams = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no iter)
+    except (SafetensorError, OSError, TypeError, ValueError) as e:
+        raise DataError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): "
+            f"{' '.join(str(e).split())}"
+        ) from None
     try:
         config = dataclasses.replace(
             config,

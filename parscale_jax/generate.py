@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,45 @@ from parscale_jax.config import ParScaleConfig
 from parscale_jax.model import ParScaleLM, init_cache
 
 Array = jax.Array
+
+
+def check_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """ConfigError naming the first impossible generation setting (one line each)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature={temperature} is invalid: must be >= 0 (0: greedy)")
+    if top_k < 0:
+        raise ConfigError(f"top_k={top_k} is invalid: must be >= 0 (0: no top-k filter)")
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p={top_p} is invalid: must lie in (0, 1] (1: no nucleus filter)")
+
+
+def prompt_limit(config: ParScaleConfig, max_new_tokens: int) -> int:
+    """The longest prompt (tokens) that leaves room for `max_new_tokens` within the model's
+    max_position_embeddings (the KV cache holds prompt + new tokens, the prefixes aside);
+    ConfigError when not even one prompt token fits."""
+    limit = config.max_position_embeddings - max_new_tokens
+    if limit < 1:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} is invalid: must be < the model's "
+            f"max_position_embeddings={config.max_position_embeddings} (room for the prompt)"
+        )
+    return limit
+
+
+def check_length(config: ParScaleConfig, prompt_len: int, max_new_tokens: int) -> None:
+    """ConfigError when a prompt batch of `prompt_len` positions (padding included) plus
+    `max_new_tokens` does not fit in max_position_embeddings."""
+    limit = prompt_limit(config, max_new_tokens)
+    if prompt_len > limit:
+        raise ConfigError(
+            f"prompt length {prompt_len} is invalid: must be <= {limit} "
+            f"(max_position_embeddings={config.max_position_embeddings} - "
+            f"max_new_tokens={max_new_tokens})"
+        )
+    if prompt_len < 1:
+        raise ConfigError("prompt length 0 is invalid: give at least one token")
 
 
 def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
@@ -121,14 +161,9 @@ def generate(
     seed: int = 0,
 ) -> Array:
     """(B, S) prompt ids (left-padded where attention_mask is 0) -> (B, max_new_tokens) new ids."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ConfigError(
-            f"sampling settings invalid: temperature={temperature} (>= 0), "
-            f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])"
-        )
+    check_settings(max_new_tokens, temperature, top_k, top_p)
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    check_length(config, prompt_ids.shape[1], max_new_tokens)
     if attention_mask is None:
         attention_mask = jnp.ones_like(prompt_ids)
     return _generate(
@@ -343,14 +378,9 @@ def generate_rows(
     filtering or exclusion; the stop token included) (B,), and the number of generated tokens,
     stop token included (B,)).
     """
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ConfigError(
-            f"sampling settings invalid: temperature={temperature} (>= 0), "
-            f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])"
-        )
+    check_settings(max_new_tokens, temperature, top_k, top_p)
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    check_length(config, prompt_ids.shape[1], max_new_tokens)
     batch = prompt_ids.shape[0]
     if attention_mask is None:
         attention_mask = jnp.ones_like(prompt_ids)

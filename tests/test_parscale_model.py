@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core.errors import CheckpointMismatchError
+from core.errors import CheckpointMismatchError, DataError
 from parscale_jax import convert
 from parscale_jax.config import ConfigError, ParScaleConfig
 from parscale_jax.generate import at_parscale_n, filter_logits, generate
@@ -231,7 +231,7 @@ def test_mismatched_checkpoint_names_every_bad_tensor():
 
 
 def test_bad_files_are_refused_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(DataError, match="config.json"):
         convert.load_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match="model_type='llama'"):

@@ -320,7 +320,7 @@ def test_bad_task_config_is_a_one_line_config_error(edit, pattern: str) -> None:
     [
         # The test preset has 2 layers, the checkpoint 3.
         (str(HF_TINY), r"^model\.num_hidden_layers=2 is invalid: .*num_hidden_layers=3"),
-        ("/no/such/dir", r"^init_from_hf='/no/such/dir' is invalid: .*config\.json does not exist"),
+        ("/no/such/dir", r"^init_from_hf='/no/such/dir' is invalid: .*/no/such/dir does not exist"),
     ],
 )
 def test_bad_init_from_hf_is_a_config_error(where: str, pattern: str) -> None:

@@ -227,10 +227,11 @@ def test_bad_options_are_refused():
         sl.fit(N, P, L, delta=0.0)
     with pytest.raises(ConfigError, match="grid needs non-empty"):
         sl.fit(N, P, L, grid={"e": (0.0,)})
-    # CLI: exactly one data source, a known table, a positive delta; all exit with status 1.
+    # CLI: exactly one data source and a known table (flag errors: status 2), a positive delta
+    # (a library error: status 1); each one line.
     both = fit_cli("--paper=stack", "--runs=runs.json")
-    assert both.returncode == 1 and "Exactly one of (paper, runs)" in both.stderr
+    assert both.returncode == 2 and "Exactly one of (paper, runs)" in both.stderr
     unknown = fit_cli("--paper=c4")
-    assert unknown.returncode == 1 and "--paper=c4" in unknown.stderr
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: --paper=c4 is invalid")
     delta = fit_cli("--paper=stack", "--delta=0")
     assert delta.returncode == 1 and delta.stderr.strip() == "error: delta must be > 0, got 0.0"

@@ -8,7 +8,9 @@ Saves are asynchronous: the device arrays are copied to host and training goes o
 are written. Directories are `etils.epath` paths, so a `gs://` workdir works as is.
 
 Preemption: `PreemptionWatch` turns SIGTERM (the notice TPU VMs, Kubernetes and Slurm send before
-killing a job) into "save at the next step boundary and stop" -- see its docstring.
+killing a job) and a first Ctrl-C (SIGINT) into "save at the next step boundary and stop" -- see
+its docstring. Integrity: every checkpoint carries `checksums.json` (see checkpoint_integrity);
+`latest_intact_step` verifies before anything is restored and sets damaged steps aside.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -28,12 +30,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
-from core.errors import CheckpointMismatchError, ConfigError
+from core.errors import CheckpointMismatchError, ConfigError, DamagedCheckpointError
 from core.tree_paths import path_str
+from train_lib import checkpoint_integrity
 
 STATE, DATA, META = "state", "data", "meta"
+# Orbax's temporary step directories: `<step>.orbax-checkpoint-tmp[-<timestamp>]`.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Damaged checkpoints are moved here (beside checkpoints/), never deleted.
+DAMAGED_DIR = "damaged_checkpoints"
 # Enough leaves to recognise the problem without flooding the terminal.
 _MAX_LISTED = 8
 
@@ -93,19 +101,50 @@ class Checkpointer:
         save_every: int,
         keep: int,
         async_save: bool = True,
+        checksums: bool = True,
+        read_only: bool = False,
     ) -> None:
+        """`checksums`: write `checksums.json` into every checkpoint (see checkpoint_integrity).
+        `read_only`: never write, prune or clean up anything (evaluation of a live run's workdir:
+        its in-progress temporary directory must survive)."""
         self.directory = as_path(directory)
+        self._async = async_save
+        self._checksums = checksums
+        self._saving: list[int] = []  # steps whose post-finalisation callback is still due
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=cm.FixedIntervalPolicy(save_every),
             preservation_policy=cm.LatestN(keep),
-            enable_async_checkpointing=async_save,
+            # Always Orbax's async checkpointer: its post-finalisation callback writes the
+            # checksums before the commit. A synchronous save waits for it in `save`.
+            enable_async_checkpointing=True,
+            async_options=ocp.options.AsyncOptions(
+                post_finalization_callback=self._write_checksums if checksums else None
+            ),
             # Half-written checkpoints of a killed run are not restorable; remove them.
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=_handler_registry()
         )
+
+    def _write_checksums(self) -> None:
+        """Orbax's post-finalisation callback (primary process, background thread): every
+        process has written the step, which is not committed yet (locally still in its
+        `<step>.orbax-checkpoint-tmp` directory; on gs:// commit_success.txt is still due)."""
+        step = self._saving.pop(0)
+        names = [str(step), f"{step}{TMP_SUFFIX}"]
+        found = [
+            p for p in self.directory.iterdir() if p.name == names[0] or p.name.startswith(names[1])
+        ]
+        # The temporary directory when there is one (local), else the step's own (gs://).
+        found.sort(key=lambda p: p.name == names[0])
+        if not found:
+            raise DamagedCheckpointError(
+                f"checkpoint step {step}: no directory to write checksums into in {self.directory}"
+            )
+        checkpoint_integrity.write_checksums(found[0])
 
     # -- queries -----------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -123,9 +162,15 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
-        """Raises CheckpointMismatchError naming the leaves whose shape/dtype/presence differ."""
-        metadata = self._manager.item_metadata(step)[STATE]
+        """Raises CheckpointMismatchError naming the leaves whose shape/dtype/presence differ
+        (DamagedCheckpointError when the saved tree's metadata cannot be read at all)."""
+        try:
+            metadata = self._manager.item_metadata(step)[STATE]
+        except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore raise many kinds; one line
+            raise self._damaged(step, f"{STATE}/_METADATA", e) from None
         tree = getattr(metadata, "tree", metadata)
+        if tree is None:
+            raise self._damaged(step, f"{STATE}/_METADATA", "missing or unreadable")
         problems = describe_mismatch(tree, abstract_state)
         if problems:
             listed = "; ".join(problems[:_MAX_LISTED])
@@ -137,6 +182,80 @@ class Checkpointer:
                 f"or the config the checkpoint was written with."
             )
 
+    def _damaged(self, step: int, file: str, why: object) -> DamagedCheckpointError:
+        text = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+        return DamagedCheckpointError(
+            f"checkpoint step {step} is damaged: {self.directory / str(step) / file}: {text}",
+            step=step,
+            file=file,
+        )
+
+    # -- integrity ---------------------------------------------------------------------------
+    def verify(self, step: int) -> bool:
+        """DamagedCheckpointError unless the step's files match its checksums.json; False for a
+        checkpoint without checksums (written before they existed; not verified)."""
+        return checkpoint_integrity.verify(self.directory / str(step), step)
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Moves a damaged step to `<workdir>/damaged_checkpoints/<step>[-n]` (kept for
+        inspection, out of Orbax's way: the run re-saves that step later); returns where."""
+        target_dir = self.directory.parent / DAMAGED_DIR
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target, n = target_dir / str(step), 1
+        while target.exists():
+            target, n = target_dir / f"{step}-{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self._manager.reload()
+        return target
+
+    def latest_intact_step(self, log: Callable[[str], None]) -> int | None:
+        """The newest checkpoint whose files verify (None when there is none at all).
+
+        Damaged newer ones are reported in one line each and set aside (never deleted), so
+        training resumes from the intact one. If every checkpoint is damaged nothing is moved
+        and DamagedCheckpointError lists them: starting afresh is the user's decision.
+        Multi-process: process 0 reads and decides; the others take its answer."""
+        if jax.process_count() == 1:
+            return self._latest_intact_step(log)
+        step, error = -1, None  # -1: no checkpoint; -2: none intact (process 0 raises)
+        if jax.process_index() == 0:
+            try:
+                found = self._latest_intact_step(log)
+                step = -1 if found is None else found
+            except DamagedCheckpointError as e:
+                step, error = -2, e
+        step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+        if error is not None:
+            raise error
+        if step == -2:
+            raise DamagedCheckpointError(
+                f"no intact checkpoint in {self.directory} (process 0 names them)"
+            )
+        self._manager.reload()  # process 0 may have moved damaged steps away
+        return None if step < 0 else step
+
+    def _latest_intact_step(self, log: Callable[[str], None]) -> int | None:
+        steps = self.all_steps()
+        damaged: list[tuple[int, DamagedCheckpointError]] = []
+        for step in reversed(steps):
+            try:
+                if not self.verify(step):
+                    log(f"checkpoint step {step} has no checksums.json: restoring it unverified")
+            except DamagedCheckpointError as e:
+                damaged.append((step, e))
+                continue
+            for bad, error in damaged:
+                where = self.set_aside(bad)
+                log(f"{error}; moved to {where}; resuming from step {step} instead")
+            return step
+        if damaged:
+            listed = "; ".join(str(e) for _, e in damaged)
+            raise DamagedCheckpointError(
+                f"no intact checkpoint in {self.directory}: {listed}. Nothing was moved; move "
+                "them away to start this run afresh"
+            )
+        return None
+
     # -- save / restore ----------------------------------------------------------------------
     def save(
         self,
@@ -147,8 +266,13 @@ class Checkpointer:
         *,
         force: bool = False,
     ) -> bool:
-        """Starts an (async) save if the policy (or `force`) says so; returns whether it did."""
-        return self._manager.save(
+        """Starts an (async) save if the policy (or `force`) says so; returns whether it did.
+        A synchronous Checkpointer (async_save=False) returns when the step is committed."""
+        if not (force or self.should_save(step)):
+            return False
+        if self._checksums and jax.process_index() == 0:
+            self._saving.append(step)
+        saved = self._manager.save(
             step,
             args=ocp.args.Composite(
                 **{
@@ -158,18 +282,30 @@ class Checkpointer:
                     META: ocp.args.JsonSave(json.loads(json.dumps(meta))),
                 }
             ),
-            force=force,
+            force=True,
         )
+        if not self._async:
+            self._manager.wait_until_finished()
+        return saved
 
     def restore(
         self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None
     ) -> tuple[Any, dict[str, Any]]:
-        """Restores state (with the shardings of `abstract_state`) and the iterator in place."""
+        """Restores state (with the shardings of `abstract_state`) and the iterator in place.
+
+        A checkpoint whose checksums verified and still fails to read is a bug (raised as is);
+        one without checksums that fails to read is reported as damaged, in one line."""
+        verified = checkpoint_integrity.has_checksums(self.directory / str(step))
         self.check_compatible(step, abstract_state)
         items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            if verified:
+                raise
+            raise self._damaged(step, "", e) from None
         return restored[STATE], dict(restored[META])
 
     def restore_meta(self, step: int) -> dict[str, Any]:
@@ -183,6 +319,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.wait_until_finished()
+        # Orbax removes a killed run's temporary directories in a background future that its
+        # close() does not wait for; a run failing early (bad data) would exit under it and
+        # print a "cannot schedule new futures after interpreter shutdown" traceback.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:
@@ -190,6 +332,39 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def committed_steps(directory: epath.Path) -> list[int]:
+    """Steps of the committed checkpoints in `directory`, read from the names alone (no manager
+    is opened, nothing is cleaned up): Orbax renames a finished local save, and writes
+    commit_success.txt last on gs://; `is_checkpoint_finalized` knows both."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and p.is_dir() and ocp.step.is_checkpoint_finalized(p)
+    )
+
+
+def newest_intact_readonly(directory: epath.Path, log: Callable[[str], None]) -> int | None:
+    """For readers of a workdir (evaluation, export, init_from): the newest committed step whose
+    files verify; damaged newer ones are reported in one line each and skipped, nothing is
+    moved. None when there is no checkpoint; DamagedCheckpointError when none is intact."""
+    steps = committed_steps(directory)
+    errors = []
+    for step in reversed(steps):
+        try:
+            if not checkpoint_integrity.verify(directory / str(step), step):
+                log(f"checkpoint step {step} has no checksums.json: reading it unverified")
+        except DamagedCheckpointError as e:
+            log(f"{e}; skipped")
+            errors.append(str(e))
+            continue
+        return step
+    if errors:
+        raise DamagedCheckpointError(f"no intact checkpoint in {directory}: {'; '.join(errors)}")
+    return None
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
@@ -222,9 +397,11 @@ class PreemptionWatch:
     """Tells the training loop when to save and stop because the job is being preempted.
 
     Use it as a context manager around the loop and call `reached(step)` at every step boundary:
-    * One process (no `jax.distributed`): on entry a SIGTERM handler is installed that only sets
-      a flag (signal handlers run between bytecodes of the main thread, so nothing else is safe
-      there); on exit the previous handler is restored. `reached` returns the flag.
+    * One process (no `jax.distributed`): on entry a handler for `signals` (the trainer passes
+      SIGTERM and SIGINT) is installed that only sets a flag (signal handlers run between
+      bytecodes of the main thread, so nothing else is safe there); on exit the previous handler
+      is restored. `reached` returns the flag. A second SIGINT (Ctrl-C twice) raises
+      KeyboardInterrupt at once, as Ctrl-C normally does.
     * `jax.distributed` initialised (multi-host): JAX's preemption sync manager already catches
       SIGTERM on every host and agrees on one step, the first that every process can still
       reach, through `CheckpointManager.reached_preemption`; `reached` asks it (every process
@@ -253,6 +430,11 @@ class PreemptionWatch:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:  # a second Ctrl-C: stop now (nothing saved)
+                raise KeyboardInterrupt
+            # A handler may not log (absl's lock could be held); one raw write is safe.
+            os.write(2, b"\nCtrl-C: saving at the next step boundary (Ctrl-C again: stop now)\n")
         self.received = signum
 
     def __exit__(self, *exc: object) -> None:

@@ -18,8 +18,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging
 from etils import epath
 from tensorboardX import SummaryWriter
+
+from core.errors import DataError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -38,16 +41,35 @@ def read_metrics(path: str | os.PathLike, split: str | None = None) -> list[dict
         path = path / METRICS_FILE
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [record for _, record in _records(path)]
     return [r for r in records if split is None or r["split"] == split]
+
+
+def _records(path: epath.Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every line of a metrics file. A last line that does not parse is a
+    write cut short by a kill: dropped. Any other bad line is a DataError naming the line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            assert isinstance(record, dict) and "step" in record
+        except (json.JSONDecodeError, AssertionError):
+            if number == len(lines):
+                logging.warning("%s: dropping a cut-short last line (%d chars)", path, len(line))
+                break
+            raise DataError(
+                f"{path}: line {number} is not a metrics record: {line[:80]!r}"
+            ) from None
+        out.append((line, record))
+    return out
 
 
 def _truncate_after(path: epath.Path, step: int) -> None:
     """Drops records logged after `step`: a resumed run re-logs those steps itself."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in kept if json.loads(line)["step"] <= step]
+    kept = [line for line, record in _records(path) if record["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -18,8 +18,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,16 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
-from core.errors import ConfigError, NonFiniteError
+from core.errors import ConfigError, DataError, NonFiniteError, WorkdirInUseError
 from core.tree_paths import path_str
-from train_lib import checkpointing, metrics, optim, sharding
+from train_lib import checkpointing, metrics, optim, sharding, workdir_lock
 from train_lib.task import Batch, Task, make_task
 
 CHECKPOINT_DIR = "checkpoints"
@@ -81,6 +84,12 @@ def log(message: str) -> None:
     logging.log(level, "%s", message, stacklevel=2)  # the record names the caller's line
 
 
+def warn(message: str) -> None:
+    """Like `log`, at WARNING (damaged checkpoints, fallbacks): shown even when INFO is hidden."""
+    level = logging.WARNING if jax.process_index() == 0 else logging.DEBUG
+    logging.log(level, "%s", message, stacklevel=2)
+
+
 # ------------------------------------------------------------------------------------------------
 # Config validation (nothing here traces or compiles)
 
@@ -100,6 +109,9 @@ def validate_train_config(train: Mapping[str, Any]) -> None:
     if int(train["eval_every"]) > 0 and int(train["eval_batches"]) < 1:
         fail("eval_batches", "must be >= 1 when train.eval_every > 0")
     profile_window(train)
+    for name in ("async_checkpointing", "checkpoint_checksums"):
+        if not isinstance(train.get(name, True), bool):
+            fail(name, "must be true or false")
     if train.get("transfer_guard", "allow") not in TRANSFER_GUARD_LEVELS:
         fail("transfer_guard", f"must be one of {', '.join(TRANSFER_GUARD_LEVELS)}")
 
@@ -412,12 +424,17 @@ def restore_run(workdir: str | Path) -> tuple[Experiment, TrainState, int]:
     config_path = workdir / CONFIG_FILE
     if not config_path.exists():
         raise ConfigError(f"{config_path} not found: is {workdir} a training workdir?")
-    exp = build_experiment(ml_collections.ConfigDict(json.loads(config_path.read_text())))
-    # keep is huge so that opening the manager can never prune the run's checkpoints.
+    try:
+        saved = json.loads(config_path.read_text())
+        assert isinstance(saved, dict), f"expected a JSON object, got {type(saved).__name__}"
+    except (UnicodeDecodeError, json.JSONDecodeError, AssertionError) as e:
+        raise DataError(f"{config_path} is not a run's config ({e})") from None
+    exp = build_experiment(ml_collections.ConfigDict(saved))
+    # Read-only: opening the manager never prunes or cleans up (the run may be live).
     with checkpointing.Checkpointer(
-        workdir / CHECKPOINT_DIR, save_every=1, keep=1_000_000, async_save=False
+        workdir / CHECKPOINT_DIR, save_every=1, keep=1_000_000, read_only=True
     ) as ckpt:
-        step = ckpt.latest_step()
+        step = checkpointing.newest_intact_readonly(workdir / CHECKPOINT_DIR, warn)
         if step is None:
             raise ConfigError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
         with jax.set_mesh(exp.mesh):
@@ -473,15 +490,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = checkpointing.as_path(workdir)
     train = config.train
     with (
+        _workdir_lock(workdir),  # before the manager: it would clean up a live run's saves
         checkpointing.Checkpointer(
             workdir / CHECKPOINT_DIR,
             save_every=int(train.checkpoint_every),
             keep=int(train.keep_checkpoints),
             async_save=bool(train.async_checkpointing),
+            checksums=bool(train.get("checkpoint_checksums", True)),
         ) as ckpt,
-        checkpointing.PreemptionWatch(ckpt) as watch,
+        checkpointing.PreemptionWatch(ckpt, signals=(signal.SIGTERM, signal.SIGINT)) as watch,
     ):
-        latest = ckpt.latest_step()
+        latest = ckpt.latest_intact_step(warn)
         if latest is not None and latest >= exp.total_steps:
             final_eval = dict(ckpt.restore_meta(latest).get("eval") or {})
             log(
@@ -499,6 +518,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         return RunSummary(step, last_eval, latest, already_finished=False, preempted=True)
     log(f"finished at step {exp.total_steps}; checkpoints in {workdir / CHECKPOINT_DIR}")
     return RunSummary(exp.total_steps, last_eval, latest, already_finished=False)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: epath.Path) -> Iterator[None]:
+    """Holds `<workdir>/LOCK` (one writer per workdir; see train_lib.workdir_lock). With several
+    processes, process 0 holds it and the others learn whether it could."""
+    if jax.process_count() == 1:
+        with workdir_lock.WorkdirLock(workdir):
+            yield
+        return
+    lock, error = None, None
+    if jax.process_index() == 0:
+        lock = workdir_lock.WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except WorkdirInUseError as e:
+            lock, error = None, e
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if error is not None:
+        raise error
+    if not ok:
+        raise WorkdirInUseError(f"workdir {workdir} is in use (process 0 could not lock it)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _restore_or_init(
@@ -537,16 +583,10 @@ def read_variables(
             f"init_from={str(workdir)!r} is invalid: {directory} does not exist (expected the "
             "workdir of a training run with a checkpoint)"
         )
-    # Finalised checkpoints only: locally Orbax renames a step directory when it is complete,
-    # on gs:// it writes commit_success.txt last; is_checkpoint_finalized knows both.
-    steps = [
-        int(p.name)
-        for p in directory.iterdir()
-        if p.name.isdigit() and p.is_dir() and ocp.step.is_checkpoint_finalized(p)
-    ]
-    if not steps:
+    # Committed checkpoints only, newest intact one (checksums verified).
+    step = checkpointing.newest_intact_readonly(directory, warn)
+    if step is None:
         raise ConfigError(f"init_from={str(workdir)!r} is invalid: no checkpoint in {directory}")
-    step = max(steps)
     path = directory / str(step) / checkpointing.STATE
     checkpointer = ocp.PyTreeCheckpointer()
     saved = checkpointer.metadata(path).item_metadata
@@ -732,7 +772,10 @@ def _train_loop(
                 if preempted:
                     with jax.transfer_guard("allow"):
                         ckpt.wait_until_finished()
-                    log(f"preempted at step {done}: saved checkpoint, exiting")
+                    if watch.received == signal.SIGINT:
+                        log(f"interrupted (Ctrl-C) at step {done}: saved checkpoint, exiting")
+                    else:
+                        log(f"preempted at step {done}: saved checkpoint, exiting")
                     return last_eval, done
             profiler.before_step(total_steps, state)
             if pending is not None:

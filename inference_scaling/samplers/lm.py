@@ -78,7 +78,11 @@ def load_tokenizer(directory: str | Path) -> HFTokenizer:
     for needed in (path, config_path):
         if not needed.is_file():
             raise DataError(f"{needed} does not exist: the checkpoint needs it")
-    hf = json.loads(config_path.read_text())
+    try:
+        hf = json.loads(config_path.read_text())
+        assert isinstance(hf, dict), f"expected a JSON object, got {type(hf).__name__}"
+    except (UnicodeDecodeError, json.JSONDecodeError, AssertionError) as e:
+        raise DataError(f"{config_path} is not valid JSON: {e}") from None
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
     if not isinstance(eos, int):

@@ -304,13 +304,30 @@ def read_solution(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return clean, path_to_actions(path)
 
 
-def load_maze_png(path: str | os.PathLike, route_length: int) -> dict[str, np.ndarray]:
-    """One PNG of the reference layout -> image uint8 (H, W, 3), actions (route_length,)."""
-    from PIL import Image
+def load_maze_png(
+    path: str | os.PathLike, route_length: int, side: int | None = None, size: str = ""
+) -> dict[str, np.ndarray]:
+    """One PNG of the reference layout -> image uint8 (H, W, 3), actions (route_length,).
 
-    with Image.open(path) as im:
-        image = np.asarray(im.convert("RGB"))
-    clean, actions = read_solution(image)
+    DataError naming the file when it is not a readable image, is not `side` x `side` pixels
+    (when `side` is given; `size`, the preset's name, only goes into the message), or has no
+    single start / goal pixel or no blue route between them."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}: not a readable image ({detail})") from None
+    if side is not None and image.shape[:2] != (side, side):
+        height, width = image.shape[:2]
+        of = f" (maze size {size!r})" if size else ""
+        raise DataError(f"{path}: image is {width}x{height} pixels, expected {side}x{side}{of}")
+    try:
+        clean, actions = read_solution(image)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
     return {
         "image": clean,
         "actions": pad_actions(actions, route_length),
@@ -320,10 +337,24 @@ def load_maze_png(path: str | os.PathLike, route_length: int) -> dict[str, np.nd
 
 class MazeImageFolder:
     """Random-access source over `root/<split>/<class>/*.png` (files in sorted order), decoded
-    lazily with `load_maze_png`."""
+    lazily with `load_maze_png` (which checks each image: size `side` x `side` when given, one
+    start, one goal, a route). The first image is decoded when the source is built, so a folder
+    of the wrong maze size fails before any training starts; DataError names the file."""
 
-    def __init__(self, root: str | os.PathLike, split: str, route_length: int) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        route_length: int,
+        side: int | None = None,
+        size: str = "",
+    ) -> None:
         base = os.path.join(root, split)
+        if not os.path.isdir(root):
+            raise DataError(
+                f"maze image folder {root} does not exist (expected the layout "
+                "<folder>/{train,test}/<class>/*.png)"
+            )
         self.files = sorted(
             os.path.join(dirpath, name)
             for dirpath, _, names in os.walk(base)
@@ -331,14 +362,19 @@ class MazeImageFolder:
             if name.lower().endswith(".png")
         )
         if not self.files:
-            raise FileNotFoundError(f"no PNG files under {base}")
+            raise DataError(
+                f"no PNG files under {base} (expected the layout {root}/{split}/<class>/*.png)"
+            )
         self.route_length = route_length
+        self.side = side
+        self.size = size
+        self[0]  # fail now, not after compiling, when the folder holds another kind of image
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return load_maze_png(self.files[int(index)], self.route_length)
+        return load_maze_png(self.files[int(index)], self.route_length, self.side, self.size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,18 +432,22 @@ def maze_dataset(
     side, route_length = preset(size)
     stored_split = "train" if split == "train" else "test"
     if image_folder is not None:
-        source: Any = MazeImageFolder(image_folder, stored_split, route_length)
+        source: Any = MazeImageFolder(image_folder, stored_split, route_length, side, size)
     elif data_dir is not None:
         import tensorflow_datasets as tfds
 
         from tasks.ctm_maze import tfds_builder as maze_tfds  # registers the builder
 
-        source = tfds.data_source(
-            f"{maze_tfds.GeneratedMazes.name}/{tfds_config or size}",
-            split=stored_split,
-            data_dir=os.fspath(data_dir),
-            download=False,
-        )
+        name = f"{maze_tfds.GeneratedMazes.name}/{tfds_config or size}"
+        try:
+            source = tfds.data_source(
+                name, split=stored_split, data_dir=os.fspath(data_dir), download=False
+            )
+        except (NotImplementedError, OSError):  # not prepared there (as array_record)
+            raise DataError(
+                f"{data_dir} holds no prepared {name} dataset in array_record format; write it "
+                f"with tasks.ctm_maze.tfds_builder.prepare({(tfds_config or size)!r}, data_dir)"
+            ) from None
     else:
         stream = split_seed(seed, split)
         source = MazeSource(side, route_length, stream, num_examples or STREAM_LENGTH)

@@ -75,6 +75,9 @@ class MazeTask(Task):
     ) -> grain.MapDataset:
         task = self.config.task
         num = task.get("num_train") if split == "train" else None
+        # Stored mazes (an image folder, a tfds dir) and a num_train subset are finite: the train
+        # split is shuffled per epoch and repeated. Generated mazes are an endless stream.
+        finite = num is not None or bool(task.get("image_folder")) or bool(task.get("data_dir"))
         return maze_dataset(
             split,
             self.size,
@@ -84,8 +87,8 @@ class MazeTask(Task):
             data_dir=task.get("data_dir"),
             image_folder=task.get("image_folder"),
             expand=bool(task.expand_range),
-            shuffle=split == "train" and num is not None,
-            repeat=split == "train" and num is not None,
+            shuffle=split == "train" and finite,
+            repeat=split == "train" and finite,
             shard_index=shard_index,
             shard_count=shard_count,
         )

@@ -162,11 +162,22 @@ class HFTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        tok = _Tokenizer.from_file(str(path))
+        try:
+            tok = _Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 (the tokenizers library raises plain Exception)
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise DataError(f"{path} is not a readable tokenizer.json: {detail}") from None
         config_path = path.parent / "tokenizer_config.json"
         config: dict[str, Any] = {}
         if config_path.is_file():
-            config = json.loads(config_path.read_text(encoding="utf-8"))
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{config_path} is not valid JSON: {e}") from None
+            if not isinstance(config, dict):
+                raise DataError(
+                    f"{config_path} is invalid: expected a JSON object, got {type(config).__name__}"
+                )
 
         def token_string(value: Any) -> str | None:
             return value.get("content") if isinstance(value, dict) else value
@@ -300,6 +311,10 @@ class FileCorpus:
 
     def names(self) -> list[str]:
         return sorted(self._paths)
+
+    def path(self, name: str) -> Path:
+        """The file of document `name`."""
+        return self._paths[name]
 
     def read(self, name: str) -> str:
         return self._paths[name].read_bytes().decode("utf-8", errors="replace")
@@ -523,8 +538,40 @@ def lm_source(spec: CorpusSpec, split: str, data_dir: str | os.PathLike | None =
     it is not there."""
     from tasks.parscale_lm import tfds_builder as lm_tfds
 
-    builder = lm_tfds.prepare(spec, data_dir)
+    check_documents(spec)
+    try:
+        builder = lm_tfds.prepare(spec, data_dir)
+    except AssertionError as e:  # tfds cannot store a split without examples
+        if "No examples were yielded" not in str(e):
+            raise
+        raise DataError(
+            f"{spec.config_name()}: {e} (every split needs a document with at least one token)"
+        ) from None
     return builder.as_data_source(split=stored_split(split))
+
+
+def check_documents(spec: CorpusSpec) -> None:
+    """Local files (corpus 'files'): DataError naming the files when a split would hold no text
+    (tfds cannot store an empty split): one file only (validation takes a whole file, so train
+    or validation gets none), or a split whose every file is empty."""
+    if spec.corpus != "files":
+        return
+    corpus = FileCorpus(spec.paths)
+    for split, names in spec.split_documents(corpus).items():
+        if not names:
+            found = ", ".join(str(corpus.path(n)) for n in corpus.names()[:3])
+            raise DataError(
+                f"paths={list(spec.paths)} give {len(corpus.names())} file(s) ({found}): the "
+                f"{split} split gets none; give at least 2 files (validation takes whole files; "
+                f"validation_fraction={spec.validation_fraction})"
+            )
+        paths = [corpus.path(n) for n in names]
+        if all(path.stat().st_size == 0 for path in paths):
+            listed = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
+            raise DataError(
+                f"{listed}: empty file{'s' if len(paths) > 1 else ''}, the only "
+                f"document{'s' if len(paths) > 1 else ''} of the {split} split"
+            )
 
 
 def lm_dataset(

@@ -29,7 +29,6 @@ Starting points (at most one; both only when the workdir has no checkpoint of it
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -196,14 +195,11 @@ class ParScaleLMTask(Task):
     def _check_hf_config(self, directory: Path) -> None:
         """The checkpoint's config.json against `model` (checked when it is used, so that a
         resumed or analysed run does not need the checkpoint any more)."""
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise ConfigError(
-                f"init_from_hf={str(directory)!r} is invalid: {config_path} does not exist"
-            )
-        try:
-            hf = ps_config.ParScaleConfig.from_hf(json.loads(config_path.read_text()))
-        except (ConfigError, ValueError, TypeError) as e:
+        from parscale_jax.convert import read_config
+
+        try:  # the directory, config.json (JSON, every field's type and value) named on failure
+            hf = read_config(directory)
+        except ValueError as e:  # ConfigError, DataError
             raise ConfigError(f"init_from_hf={str(directory)!r} is invalid: {e}") from None
         for name in ARCHITECTURE_FIELDS:
             ours, theirs = getattr(self.model_config, name), getattr(hf, name)
