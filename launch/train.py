@@ -23,8 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import cli
-from train_lib import checkpointing
-from train_lib.trainer import CHECKPOINT_DIR, train_and_evaluate
+from train_lib.trainer import resume_point, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -73,19 +72,11 @@ def main(argv: Sequence[str]) -> None:
         try:
             train_and_evaluate(_CONFIG.value, _WORKDIR.value)
         except KeyboardInterrupt:
-            # Ctrl-C before the loop watches for it (building, compiling) or a second Ctrl-C.
+            # Ctrl-C before the trainer watches for it (building the experiment) or a second one.
             if cli.verbose():
                 raise
             print(f"error: interrupted; {resume_point(_WORKDIR.value)}", file=sys.stderr)
             raise SystemExit(130) from None
-
-
-def resume_point(workdir: str) -> str:
-    """Where re-running the command will start: the newest committed checkpoint, if any."""
-    steps = checkpointing.committed_steps(checkpointing.as_path(workdir) / CHECKPOINT_DIR)
-    if not steps:
-        return f"no checkpoint in {workdir}: re-running the command starts from step 0"
-    return f"re-running the command resumes from the checkpoint at step {steps[-1]} in {workdir}"
 
 
 if __name__ == "__main__":

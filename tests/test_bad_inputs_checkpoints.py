@@ -321,19 +321,17 @@ def test_ctrl_c_while_compiling_saves_the_first_step(finished, tmp_path):
 def test_a_second_ctrl_c_stops_at_once_and_names_the_resume_point(finished, tmp_path):
     """In process (signal timing in a subprocess is not deterministic): the watch turns the
     first SIGINT into a flag and the second into KeyboardInterrupt, which launch.train reports
-    as one line naming the checkpoint a re-run resumes from."""
-    from launch.train import resume_point
-
+    as one line naming the checkpoint a re-run resumes from (trainer.resume_point)."""
     with checkpointing.PreemptionWatch(None, signals=(signal.SIGINT,)) as watch:
         os.kill(os.getpid(), signal.SIGINT)
         assert watch.reached(1) and watch.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs between bytecodes; it raises before this returns
-    assert resume_point(str(finished)) == (
+    assert trainer.resume_point(str(finished)) == (
         f"re-running the command resumes from the checkpoint at step 12 in {finished}"
     )
-    assert resume_point(str(tmp_path / "new")) == (
+    assert trainer.resume_point(str(tmp_path / "new")) == (
         f"no checkpoint in {tmp_path / 'new'}: re-running the command starts from step 0"
     )
 

@@ -520,6 +520,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return RunSummary(exp.total_steps, last_eval, latest, already_finished=False)
 
 
+def resume_point(workdir: str | Path) -> str:
+    """Where re-running a training command on `workdir` starts: its newest committed checkpoint
+    (read from the directory names alone; nothing is opened or cleaned up)."""
+    steps = checkpointing.committed_steps(checkpointing.as_path(workdir) / CHECKPOINT_DIR)
+    if not steps:
+        return f"no checkpoint in {workdir}: re-running the command starts from step 0"
+    return f"re-running the command resumes from the checkpoint at step {steps[-1]} in {workdir}"
+
+
 @contextlib.contextmanager
 def _workdir_lock(workdir: epath.Path) -> Iterator[None]:
     """Holds `<workdir>/LOCK` (one writer per workdir; see train_lib.workdir_lock). With several
