@@ -10,7 +10,7 @@ are written. Directories are `etils.epath` paths, so a `gs://` workdir works as 
 Preemption: `PreemptionWatch` turns SIGTERM (the notice TPU VMs, Kubernetes and Slurm send before
 killing a job) and a first Ctrl-C (SIGINT) into "save at the next step boundary and stop" -- see
 its docstring. Integrity: every checkpoint carries `checksums.json` (see checkpoint_integrity);
-`latest_intact_step` verifies before anything is restored and sets damaged steps aside.
+`select_intact_step` verifies before anything is restored and sets damaged steps aside.
 """
 
 from __future__ import annotations
@@ -196,66 +196,6 @@ class Checkpointer:
         checkpoint without checksums (written before they existed; not verified)."""
         return checkpoint_integrity.verify(self.directory / str(step), step)
 
-    def set_aside(self, step: int) -> epath.Path:
-        """Moves a damaged step to `<workdir>/damaged_checkpoints/<step>[-n]` (kept for
-        inspection, out of Orbax's way: the run re-saves that step later); returns where."""
-        target_dir = self.directory.parent / DAMAGED_DIR
-        target_dir.mkdir(parents=True, exist_ok=True)
-        target, n = target_dir / str(step), 1
-        while target.exists():
-            target, n = target_dir / f"{step}-{n}", n + 1
-        (self.directory / str(step)).rename(target)
-        self._manager.reload()
-        return target
-
-    def latest_intact_step(self, log: Callable[[str], None]) -> int | None:
-        """The newest checkpoint whose files verify (None when there is none at all).
-
-        Damaged newer ones are reported in one line each and set aside (never deleted), so
-        training resumes from the intact one. If every checkpoint is damaged nothing is moved
-        and DamagedCheckpointError lists them: starting afresh is the user's decision.
-        Multi-process: process 0 reads and decides; the others take its answer."""
-        if jax.process_count() == 1:
-            return self._latest_intact_step(log)
-        step, error = -1, None  # -1: no checkpoint; -2: none intact (process 0 raises)
-        if jax.process_index() == 0:
-            try:
-                found = self._latest_intact_step(log)
-                step = -1 if found is None else found
-            except DamagedCheckpointError as e:
-                step, error = -2, e
-        step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
-        if error is not None:
-            raise error
-        if step == -2:
-            raise DamagedCheckpointError(
-                f"no intact checkpoint in {self.directory} (process 0 names them)"
-            )
-        self._manager.reload()  # process 0 may have moved damaged steps away
-        return None if step < 0 else step
-
-    def _latest_intact_step(self, log: Callable[[str], None]) -> int | None:
-        steps = self.all_steps()
-        damaged: list[tuple[int, DamagedCheckpointError]] = []
-        for step in reversed(steps):
-            try:
-                if not self.verify(step):
-                    log(f"checkpoint step {step} has no checksums.json: restoring it unverified")
-            except DamagedCheckpointError as e:
-                damaged.append((step, e))
-                continue
-            for bad, error in damaged:
-                where = self.set_aside(bad)
-                log(f"{error}; moved to {where}; resuming from step {step} instead")
-            return step
-        if damaged:
-            listed = "; ".join(str(e) for _, e in damaged)
-            raise DamagedCheckpointError(
-                f"no intact checkpoint in {self.directory}: {listed}. Nothing was moved; move "
-                "them away to start this run afresh"
-            )
-        return None
-
     # -- save / restore ----------------------------------------------------------------------
     def save(
         self,
@@ -332,6 +272,66 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def set_aside(directory: epath.Path, step: int) -> epath.Path:
+    """Moves a damaged step to `<workdir>/damaged_checkpoints/<step>[-n]` (kept for inspection,
+    out of Orbax's way: the run re-saves that step later); returns where it went."""
+    target_dir = directory.parent / DAMAGED_DIR
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target, n = target_dir / str(step), 1
+    while target.exists():
+        target, n = target_dir / f"{step}-{n}", n + 1
+    (directory / str(step)).rename(target)
+    return target
+
+
+def select_intact_step(directory: epath.Path, log: Callable[[str], None]) -> int | None:
+    """For the trainer, before it opens the checkpoint manager (which would read the damaged
+    metadata itself): the newest committed checkpoint whose files verify, None when there is
+    none at all.
+
+    Damaged newer ones are reported in one line each and set aside (never deleted), so training
+    resumes from the intact one. If every checkpoint is damaged nothing is moved and
+    DamagedCheckpointError lists them: starting afresh is the user's decision. Multi-process:
+    process 0 reads and decides; the others take its answer."""
+    if jax.process_count() == 1:
+        return _select_intact_step(directory, log)
+    step, error = -1, None  # -1: no checkpoint; -2: none intact (process 0 raises)
+    if jax.process_index() == 0:
+        try:
+            found = _select_intact_step(directory, log)
+            step = -1 if found is None else found
+        except DamagedCheckpointError as e:
+            step, error = -2, e
+    step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+    if error is not None:
+        raise error
+    if step == -2:
+        raise DamagedCheckpointError(f"no intact checkpoint in {directory} (process 0 names them)")
+    return None if step < 0 else step
+
+
+def _select_intact_step(directory: epath.Path, log: Callable[[str], None]) -> int | None:
+    damaged: list[tuple[int, DamagedCheckpointError]] = []
+    for step in reversed(committed_steps(directory)):
+        try:
+            if not checkpoint_integrity.verify(directory / str(step), step):
+                log(f"checkpoint step {step} has no checksums.json: restoring it unverified")
+        except DamagedCheckpointError as e:
+            damaged.append((step, e))
+            continue
+        for bad, error in damaged:
+            where = set_aside(directory, bad)
+            log(f"{error}; moved to {where}; resuming from step {step} instead")
+        return step
+    if damaged:
+        listed = "; ".join(str(e) for _, e in damaged)
+        raise DamagedCheckpointError(
+            f"no intact checkpoint in {directory}: {listed}. Nothing was moved; move them away "
+            "to start this run afresh"
+        )
+    return None
 
 
 def committed_steps(directory: epath.Path) -> list[int]:

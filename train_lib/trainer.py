@@ -491,16 +491,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train = config.train
     with (
         _workdir_lock(workdir),  # before the manager: it would clean up a live run's saves
-        checkpointing.Checkpointer(
-            workdir / CHECKPOINT_DIR,
-            save_every=int(train.checkpoint_every),
-            keep=int(train.keep_checkpoints),
-            async_save=bool(train.async_checkpointing),
-            checksums=bool(train.get("checkpoint_checksums", True)),
-        ) as ckpt,
-        checkpointing.PreemptionWatch(ckpt, signals=(signal.SIGTERM, signal.SIGINT)) as watch,
+        contextlib.ExitStack() as stack,
     ):
-        latest = ckpt.latest_intact_step(warn)
+        # Verified before the manager opens: it reads every step's metadata as it starts.
+        latest = checkpointing.select_intact_step(workdir / CHECKPOINT_DIR, warn)
+        ckpt = stack.enter_context(
+            checkpointing.Checkpointer(
+                workdir / CHECKPOINT_DIR,
+                save_every=int(train.checkpoint_every),
+                keep=int(train.keep_checkpoints),
+                async_save=bool(train.async_checkpointing),
+                checksums=bool(train.get("checkpoint_checksums", True)),
+            )
+        )
+        watch = stack.enter_context(
+            checkpointing.PreemptionWatch(ckpt, signals=(signal.SIGTERM, signal.SIGINT))
+        )
         if latest is not None and latest >= exp.total_steps:
             final_eval = dict(ckpt.restore_meta(latest).get("eval") or {})
             log(
