@@ -9,7 +9,10 @@ measured in the same run, and the compile time of the train step at 5 and 75 tic
 is one `nn.scan`, so compile time should stay nearly flat).
 
 FLOPs are counted analytically (matmuls and einsums; XLA's cost analysis counts a scan body once,
-not once per tick); a train step is counted as 3x the forward.
+not once per tick); a train step is counted as 3x the forward. On a chip in `train_lib.mfu`'s
+table (TPU v4/v5e/v5p/v6e, H100/H200) an MFU column gives the same FLOP/s against the chip's
+dense bf16 peak ('-' elsewhere, e.g. CPU). Every function runs on one device, so the examples/s
+are per device.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ctm_jax.flops import forward_flops
 from ctm_jax.losses import parity_loss
 from ctm_jax.model import CTM, project_params
 from launch import cli
+from train_lib.mfu import peak_flops
 
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed calls per measurement.", lower_bound=1)
 _SKIP_REFERENCE = flags.DEFINE_bool(
@@ -67,9 +71,22 @@ def make_steps(cfg: CTMConfig, batch: int, length: int, lr: float = 1e-4):
     return jax.jit(train_step, donate_argnums=0), jax.jit(forward), state, x, targets
 
 
+def percent(fraction: float | None) -> str:
+    """'12.3%', or '-' for no value (no chip peak)."""
+    return "    -" if fraction is None else f"{100 * fraction:4.1f}%"
+
+
 def bench_config(
-    name: str, cfg: CTMConfig, batch: int, length: int, steps: int, peak: float
+    name: str,
+    cfg: CTMConfig,
+    batch: int,
+    length: int,
+    steps: int,
+    peak: float,
+    chip_peak: float | None = None,
 ) -> dict:
+    """Times one configuration; `peak` is the measured f32 matmul FLOP/s, `chip_peak` the chip
+    table's dense bf16 peak (None: no MFU)."""
     train_step, forward, state, x, targets = make_steps(cfg, batch, length)
     key = jax.random.key(1)
     start = time.perf_counter()
@@ -99,12 +116,19 @@ def bench_config(
         "forward_s": fwd_s,
         "forward_examples_per_s": batch / fwd_s,
         "forward_flops_ratio": flops / fwd_s / peak,
+        # one device: the rates above are per device
+        "train_examples_per_s_per_device": batch / step_s,
+        "forward_examples_per_s_per_device": batch / fwd_s,
+        "train_mfu": 3 * flops / step_s / chip_peak if chip_peak else None,
+        "forward_mfu": flops / fwd_s / chip_peak if chip_peak else None,
     }
     print(
         f"{name:28s} batch {batch:3d} T {cfg.iterations:3d} | train {step_s * 1e3:8.1f} ms "
-        f"{batch / step_s:8.1f} ex/s {100 * result['train_flops_ratio']:5.1f}% of peak | "
+        f"{batch / step_s:8.1f} ex/s {100 * result['train_flops_ratio']:5.1f}% of peak "
+        f"MFU {percent(result['train_mfu'])} | "
         f"forward {fwd_s * 1e3:8.1f} ms {batch / fwd_s:8.1f} ex/s "
-        f"{100 * result['forward_flops_ratio']:5.1f}% of peak | compile {compile_s:5.1f} s",
+        f"{100 * result['forward_flops_ratio']:5.1f}% of peak "
+        f"MFU {percent(result['forward_mfu'])} | compile {compile_s:5.1f} s",
         flush=True,
     )
     return result
@@ -128,14 +152,22 @@ def model_config(preset: str | None) -> tuple[CTMConfig, int, int]:
 
 def main(argv: Sequence[str]) -> None:
     cli.start(argv)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
+    kind = jax.devices()[0].device_kind
+    print(f"jax {jax.__version__} on {kind} x{jax.device_count()} (the benchmark uses one)")
     peak = matmul_peak_flops()
     print(f"dense f32 matmul peak (2048^3, best of 10): {peak / 1e9:.1f} GFLOP/s")
-    bench_config("parity :tiny", *model_config("tiny"), _STEPS.value, peak)
+    chip_peak = peak_flops(kind)
+    if chip_peak:
+        print(f"MFU against the chip table's dense bf16 peak: {chip_peak / 1e12:.1f} TFLOP/s")
+    else:
+        print(f"no chip table peak for {kind!r}: no MFU (the '% of peak' is the f32 matmul's)")
+    bench_config("parity :tiny", *model_config("tiny"), _STEPS.value, peak, chip_peak)
     if _SKIP_REFERENCE.value:
         return
     reference, batch, length = model_config(None)
-    bench_config("parity reference (D1024)", reference, batch, length, _STEPS.value, peak)
+    bench_config(
+        "parity reference (D1024)", reference, batch, length, _STEPS.value, peak, chip_peak
+    )
     t5 = compile_seconds(dataclasses.replace(reference, iterations=5), batch, length)
     t75 = compile_seconds(reference, batch, length)
     print(

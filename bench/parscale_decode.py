@@ -37,7 +37,10 @@ whole preallocated buffer, 4 * layers * heads * head_dim * (n_prefix + capacity)
 B * (aggregator 2 * (P * H * H + H * P) + LM head 2 * H * V); the prefill runs the backbone on
 P * B * prompt rows and the aggregator and LM head only at the last position. XLA's own count
 (`cost_analysis`, which adds the elementwise work) goes into the JSON next to them. The achieved
-fraction is against a 2048^3 float32 `jnp.dot` timed in the same run. "GB/s" is the bytes a
+fraction is against a 2048^3 float32 `jnp.dot` timed in the same run; on a chip in
+`train_lib.mfu`'s table (TPU v4/v5e/v5p/v6e, H100/H200) two MFU columns set the same FLOP/s
+against the chip's dense bf16 peak. Everything runs on one device, so tokens/s are per device
+(the JSON's `*_per_device` keys say so). "GB/s" is the bytes a
 decode step has to read at least (its argument buffers as XLA keeps them: the parameters it uses,
 i.e. not the prefixes, which live in the cache, + the whole KV buffer) over its latency, to set
 against the float32 matrix-vector bandwidth also measured in the run.
@@ -70,6 +73,7 @@ from launch import cli
 from parscale_jax.config import ParScaleConfig
 from parscale_jax.generate import generate
 from parscale_jax.model import KVCache, ParScaleLM, dtype_of, init_cache
+from train_lib.mfu import peak_flops
 
 # The paper's cost model (parscale.md section 5, batch 1, input = output = 128 tokens, 1.6B
 # non-embedding parameters, A100, bf16): P = 8 over P = 1.
@@ -327,6 +331,9 @@ def measure_setting(
         "decode_step_s": step_s,
         "decode_ms_per_token": 1e3 * step_s,
         "decode_tokens_per_s": batch / step_s,
+        # one device: the rates are per device
+        "prefill_tokens_per_s_per_device": batch * prompt_len / prefill_s,
+        "decode_tokens_per_s_per_device": batch / step_s,
         "prefill_compile_s": prefill_compile_s,
         "decode_compile_s": step_compile_s,
         "prefill_flops": pflops,
@@ -373,15 +380,30 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
         )
 
 
+def add_mfu(results: list[dict[str, Any]], chip_peak: float | None) -> None:
+    """Adds prefill and decode MFU against the chip table's peak (None without one)."""
+    for r in results:
+        r["prefill_mfu"] = r["prefill_flops_per_s"] / chip_peak if chip_peak else None
+        r["decode_mfu"] = r["decode_flops_per_s"] / chip_peak if chip_peak else None
+
+
 def fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def print_table(results: list[dict[str, Any]], peak: float) -> None:
+def print_table(results: list[dict[str, Any]], peak: float, chip_peak: float | None = None) -> None:
+    """The results table; %peak against the measured f32 matmul `peak`, and with `chip_peak`
+    (the chip table's dense bf16 FLOP/s) an MFU column after each."""
     mb = 1e-6
+    mfu_head = f" {'MFU':>5}" if chip_peak else ""
+
+    def mfu_cell(flops_per_s: float) -> str:
+        return f" {100 * flops_per_s / chip_peak:5.1f}" if chip_peak else ""
+
     header = (
-        f"{'P':>2} {'B':>2} | {'prefill tok/s':>13} {'%peak':>5} | {'dec ms/tok':>10} "
-        f"{'lat/P1':>6} {'%peak':>5} {'GB/s':>5} | {'pre MB':>7} {'dec MB':>7} {'mem/P1':>6} "
+        f"{'P':>2} {'B':>2} | {'prefill tok/s':>13} {'%peak':>5}{mfu_head} | {'dec ms/tok':>10} "
+        f"{'lat/P1':>6} {'%peak':>5}{mfu_head} {'GB/s':>5} | {'pre MB':>7} {'dec MB':>7} "
+        f"{'mem/P1':>6} "
         f"{'(model)':>7} | {'KV MB meas':>10} {'analytic':>8} | {'compile s':>9}"
     )
     print(header)
@@ -390,8 +412,9 @@ def print_table(results: list[dict[str, Any]], peak: float) -> None:
         kv_ok = "" if r["kv_bytes_measured"] == r["kv_bytes_analytic"] else " MISMATCH"
         print(
             f"{r['P']:>2} {r['batch']:>2} | {r['prefill_tokens_per_s']:13.1f} "
-            f"{100 * r['prefill_flops_per_s'] / peak:5.1f} | {r['decode_ms_per_token']:10.2f} "
-            f"{fmt_ratio(r['latency_ratio']):>6} {100 * r['decode_flops_per_s'] / peak:5.1f} "
+            f"{100 * r['prefill_flops_per_s'] / peak:5.1f}{mfu_cell(r['prefill_flops_per_s'])} | "
+            f"{r['decode_ms_per_token']:10.2f} {fmt_ratio(r['latency_ratio']):>6} "
+            f"{100 * r['decode_flops_per_s'] / peak:5.1f}{mfu_cell(r['decode_flops_per_s'])} "
             f"{r['decode_gb_per_s']:5.1f} | {r['prefill_memory']['peak_bytes'] * mb:7.1f} "
             f"{r['decode_memory']['peak_bytes'] * mb:7.1f} {fmt_ratio(r['memory_ratio']):>6} "
             f"{fmt_ratio(r['analytic_memory_ratio']):>7} | {r['kv_bytes_measured'] * mb:10.2f} "
@@ -418,6 +441,11 @@ def main(argv: Sequence[str]) -> None:
     print(f"dense f32 matmul peak (2048^3 jnp.dot, best of 10): {peak / 1e9:.1f} GFLOP/s")
     bandwidth = matvec_bandwidth()
     print(f"f32 matrix-vector bandwidth (8192^2 jnp.dot, best of 10): {bandwidth / 1e9:.1f} GB/s")
+    chip_peak = peak_flops(device.device_kind)
+    if chip_peak:
+        print(f"MFU against the chip table's dense bf16 peak: {chip_peak / 1e12:.1f} TFLOP/s")
+    else:
+        print(f"no chip table peak for {device.device_kind!r}: no MFU column")
 
     tied = not _UNTIED.value
     counts_1 = count_params(init_params(bench_config(1, tied)))
@@ -454,8 +482,9 @@ def main(argv: Sequence[str]) -> None:
             del params
 
     add_ratios(results)
+    add_mfu(results, chip_peak)
     print()
-    print_table(results, peak)
+    print_table(results, peak, chip_peak)
     print(
         "(ms/tok: one decode step = one new token per sequence; lat/P1, mem/P1: against P=1 at "
         "the same batch; (model): (params + analytic KV) ratio; KV capacity = prompt + new "
@@ -483,6 +512,7 @@ def main(argv: Sequence[str]) -> None:
             "device": device.device_kind,
             "device_memory_stats": runtime_memory,
             "matmul_peak_flops": peak,
+            "chip_peak_flops": chip_peak,
             "matvec_bytes_per_s": bandwidth,
             "config": dataclasses.asdict(bench_config(1, tied)),
             "param_counts_P1": counts_1,

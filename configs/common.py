@@ -46,6 +46,9 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
         data_prefetch=8,  # grain prefetch buffer size, in batches
         profile_steps="",  # 'START,STOP': XLA trace of those steps into <workdir>/tensorboard
         transfer_guard="allow",  # jax.transfer_guard in the step loop: log / disallow (+_explicit)
+        # MFU on the progress line: '' : the chip table (none on CPU); 'measure': this machine's
+        # f32 matmul peak, measured at start; or a number in FLOP/s per device
+        mfu_peak="",
     )
     values.update(overrides)
     return ml_collections.ConfigDict(values)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from etils import epath
 from tensorboardX import SummaryWriter
 
 from core.errors import DataError
+from train_lib.mfu import mfu
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -201,36 +202,62 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Step rate, example rate (and token rate, for sequence models) and ETA between calls;
-    `line()` formats the progress line."""
+    """Step rate, example rate (and token rate, for sequence models), both also per device, MFU
+    and ETA between calls; `line()` formats the progress line.
+
+    MFU (`train_lib.mfu`) is shown when both `flops_per_example` (the task's model FLOPs of one
+    training example) and `peak_per_device` (FLOP/s) are given. `batch_size` is the global
+    batch, `n_devices` the devices the step runs on; `clock` is for tests."""
 
     def __init__(
-        self, total_steps: int, batch_size: int, start_step: int, tokens_per_example: int = 0
+        self,
+        total_steps: int,
+        batch_size: int,
+        start_step: int,
+        tokens_per_example: int = 0,
+        *,
+        n_devices: int = 1,
+        flops_per_example: float | None = None,
+        peak_per_device: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.total_steps = total_steps
         self.batch_size = batch_size
         self.tokens_per_example = tokens_per_example
+        self.n_devices = max(int(n_devices), 1)
+        self.flops_per_example = flops_per_example
+        self.peak_per_device = peak_per_device
+        self._clock = clock
         self._last_step = start_step
-        self._last_time = time.perf_counter()
+        self._last_time = clock()
 
     def exclude(self, seconds: float) -> None:
         """Leaves `seconds` (e.g. an evaluation) out of the current interval's rate."""
         self._last_time += seconds
 
     def line(self, step: int, scalars: Mapping[str, float], keys: tuple[str, ...]) -> str:
-        now = time.perf_counter()
+        now = self._clock()
         elapsed = max(now - self._last_time, 1e-9)
         rate = (step - self._last_step) / elapsed
         self._last_step, self._last_time = step, now
         eta = (self.total_steps - step) / rate if rate > 0 else math.inf
         width = len(str(self.total_steps))
+        examples = rate * self.batch_size
         parts = [
             f"step {step:>{width}}/{self.total_steps} ({100.0 * step / self.total_steps:5.1f}%)",
             f"{rate:6.2f} steps/s",
-            f"{rate * self.batch_size:8.1f} ex/s",
+            f"{examples:8.1f} ex/s",
+            f"{examples / self.n_devices:8.1f} ex/s/dev",
         ]
         if self.tokens_per_example:
-            parts.append(f"{rate * self.batch_size * self.tokens_per_example:8.0f} tok/s")
+            tokens = examples * self.tokens_per_example
+            parts.append(f"{tokens:8.0f} tok/s")
+            parts.append(f"{tokens / self.n_devices:8.0f} tok/s/dev")
+        if self.flops_per_example and self.peak_per_device:
+            utilisation = mfu(
+                self.flops_per_example * self.batch_size, rate, self.n_devices, self.peak_per_device
+            )
+            parts.append(f"MFU {100.0 * utilisation:.1f}%")
         parts.append(f"ETA {format_duration(eta)}")
         parts += [f"{k} {scalars[k]:.4g}" for k in keys if k in scalars]
         return " | ".join(parts)

@@ -63,6 +63,17 @@ class Task(abc.ABC):
         """A batch with the right shapes and dtypes, used to initialise the model."""
         return dict(self.dataset("eval", batch_size=batch_size)[0])
 
+    # -- cost ---------------------------------------------------------------------------------
+    def train_flops_per_example(self) -> float | None:
+        """*Model* FLOPs of one training example, or None (the default: no MFU on the progress
+        line).
+
+        The convention of the MFU papers (PaLM appendix B): matmuls, einsums and convolutions
+        only, 2 FLOPs per multiply-add, forward + backward = 3 x the forward; no
+        rematerialisation, optimiser or elementwise work counted (`train_lib.mfu`).
+        """
+        return None
+
     # -- model --------------------------------------------------------------------------------
     @abc.abstractmethod
     def build_model(self) -> nn.Module:

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from core.errors import ConfigError, DataError, NonFiniteError, WorkdirInUseError
 from core.tree_paths import path_str
-from train_lib import checkpointing, metrics, optim, sharding, workdir_lock
+from train_lib import checkpointing, metrics, mfu, optim, sharding, workdir_lock
 from train_lib.task import Batch, Task, make_task
 
 CHECKPOINT_DIR = "checkpoints"
@@ -114,10 +114,43 @@ def validate_train_config(train: Mapping[str, Any]) -> None:
             fail(name, "must be true or false")
     if train.get("transfer_guard", "allow") not in TRANSFER_GUARD_LEVELS:
         fail("transfer_guard", f"must be one of {', '.join(TRANSFER_GUARD_LEVELS)}")
+    mfu_peak_setting(train)
 
 
 # jax.transfer_guard levels for train.transfer_guard; "allow" (the default) checks nothing.
 TRANSFER_GUARD_LEVELS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+
+
+def mfu_peak_setting(train: Mapping[str, Any]) -> str | float:
+    """`train.mfu_peak`: '' (the chip table), 'measure' (this machine's f32 matmul peak) or a
+    positive FLOP/s per device (a number, or its string from the command line); ConfigError
+    naming the field when it is none of them."""
+    value = train.get("mfu_peak", "")
+    if isinstance(value, str) and value.strip().lower() in ("", "measure"):
+        return value.strip().lower()
+    number = None
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError, ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ConfigError(
+            f"train.mfu_peak={value!r} is invalid: must be '' (the chip table), 'measure' "
+            "(this machine's f32 matmul peak) or a positive number of FLOP/s per device"
+        )
+    return number
+
+
+def resolve_mfu_peak(train: Mapping[str, Any]) -> tuple[float | None, str]:
+    """(peak FLOP/s per device, where it comes from) for the MFU column; None when no peak is
+    known ('' on a chip the table lacks, e.g. CPU). 'measure' times a matmul now."""
+    setting = mfu_peak_setting(train)
+    kind = jax.devices()[0].device_kind
+    if setting == "measure":
+        return mfu.measured_matmul_peak(), f"measured f32 matmul peak on {kind}"
+    if setting == "":
+        peak = mfu.peak_flops(kind, "bfloat16")
+        return peak, f"dense bf16 peak of {kind}, chip table"
+    return float(setting), "train.mfu_peak"
 
 
 def profile_window(train: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -726,8 +759,23 @@ def _train_loop(
     # Records after start_step are of steps this run redoes (a run killed before its next
     # checkpoint, or before its first one): dropped, so the files describe this run.
     writer = metrics.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    flops_per_example = exp.task.train_flops_per_example()
+    peak, peak_source = resolve_mfu_peak(train) if flops_per_example else (None, "")
+    if peak is not None:
+        log(f"MFU against {peak:.4g} FLOP/s per device ({peak_source})")
+    elif flops_per_example:
+        log(
+            f"no MFU: no peak for {jax.devices()[0].device_kind} "
+            "(train.mfu_peak='measure' or a number sets one)"
+        )
     progress = metrics.Progress(
-        total_steps, int(train.batch_size), start_step, exp.task.tokens_per_example
+        total_steps,
+        int(train.batch_size),
+        start_step,
+        exp.task.tokens_per_example,
+        n_devices=exp.mesh.size,
+        flops_per_example=flops_per_example,
+        peak_per_device=peak,
     )
     interval = metrics.MeanAccumulator()
     last_eval: dict[str, float] = {}

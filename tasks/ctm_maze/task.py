@@ -28,6 +28,7 @@ from flax.traverse_util import flatten_dict
 from core.errors import ConfigError
 from core.tree_paths import path_str
 from ctm_jax import config as ctm_config
+from ctm_jax.flops import ctm_flops, streamed_flops
 from ctm_jax.losses import maze_loss
 from ctm_jax.model import CTM, CTMOutput, certainty, project_params
 from ctm_jax.param_table import streamed_param_axes
@@ -98,6 +99,17 @@ class MazeTask(Task):
 
     def project_params(self, params: Any) -> Any:
         return project_params(self.model_config, params)
+
+    def forward_flops_per_example(self) -> float:
+        """Analytic forward FLOPs of one maze (`ctm_jax.flops.ctm_flops`: backbone and K/V once,
+        then `iterations` ticks)."""
+        side, _ = PRESETS[self.size]
+        cfg = self.model_config
+        return float(ctm_flops(cfg, (side, side, 3)).total(cfg.iterations))
+
+    def train_flops_per_example(self) -> float:
+        """3 x `forward_flops_per_example` (the MFU convention, `Task.train_flops_per_example`)."""
+        return 3.0 * self.forward_flops_per_example()
 
     def _images01(self, inputs: jax.Array) -> jax.Array:
         return (inputs + 1.0) / 2.0 if self.config.task.expand_range else inputs
@@ -375,6 +387,24 @@ class MazeStreamsTask(MazeTask):
 
     def project_params(self, params: Any) -> Any:
         return {**params, BACKBONE: project_params(self.model_config, params[BACKBONE])}
+
+    def forward_flops_per_example(self) -> float:
+        """P forwards of the shared CTM plus the aggregator at every tick (features: the route's
+        log-probabilities, out_dims wide); `ctm_jax.flops.streamed_flops`. With
+        `freeze_backbone` the CTM's weight gradients are not computed, so 3 x this (the
+        convention) overstates a frozen run's work by up to a third."""
+        side, _ = PRESETS[self.size]
+        cfg = self.model_config
+        single = ctm_flops(cfg, (side, side, 3))
+        return float(
+            streamed_flops(
+                single,
+                cfg.iterations,
+                self.n_streams,
+                feature_dim=cfg.out_dims,
+                hidden_dim=self.aggregator_hidden_dim,
+            )
+        )
 
     def trainable(self) -> Callable[[str], bool] | None:
         return is_stream_param if self.freeze_backbone else None

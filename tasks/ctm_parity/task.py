@@ -23,6 +23,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from ctm_jax import config as ctm_config
+from ctm_jax.flops import ctm_flops
 from ctm_jax.losses import parity_loss
 from ctm_jax.model import CTM, CTMOutput, project_params
 from train_lib.task import Batch, Metrics, Task
@@ -177,6 +178,12 @@ class ParityTask(Task):
 
     def project_params(self, params: Any) -> Any:
         return project_params(self.model_config, params)
+
+    def train_flops_per_example(self) -> float:
+        """3 x the analytic forward FLOPs of one sequence (`ctm_jax.flops.ctm_flops`: K/V
+        projected once, then `iterations` ticks)."""
+        cfg = self.model_config
+        return 3.0 * ctm_flops(cfg, (self.seq_len,)).total(cfg.iterations)
 
     def loss_and_metrics(self, outputs: CTMOutput, batch: Batch) -> tuple[jax.Array, Metrics]:
         targets = batch["targets"]

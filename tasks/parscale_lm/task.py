@@ -136,6 +136,37 @@ def merge_pretrained(
     return unflatten_dict(merged)
 
 
+def forward_flops_per_token(cfg: ps_config.ParScaleConfig, seq_len: int) -> float:
+    """Model FLOPs of one token's forward in a sequence of `seq_len` (2 per multiply-add;
+    matmuls and einsums only -- biases, norms, RoPE, softmax and the embedding lookup are not
+    counted):
+
+        P * (2 N + 4 layers * heads * head_dim * (seq_len + n_prefix))
+          + 2 (P H H + H P)   (the aggregator, P > 1 only)
+          + 2 H V             (the LM head, tied or not, run once on the aggregated state)
+
+    N = the non-embedding matmul weights of the P streams' shared backbone, per layer
+    H (heads + 2 kv_heads) head_dim (q, k, v) + heads head_dim H (o) + 3 H I (SwiGLU), times
+    the layers. The attention term is the logits and the weighted values over every key this
+    model computes: the whole dense (seq_len + n_prefix)-wide score row, causal mask or not (the
+    PaLM convention), the prefix keys being the n_prefix = parscale_n_tokens per stream (P > 1).
+    """
+    h, v, p = cfg.hidden_size, cfg.vocab_size, cfg.parscale_n
+    attn = cfg.num_attention_heads * cfg.kv_head_dim
+    kv = cfg.num_key_value_heads * cfg.kv_head_dim
+    per_layer = h * (attn + 2 * kv) + attn * h + 3 * h * cfg.intermediate_size
+    backbone = 2 * cfg.num_hidden_layers * per_layer
+    attention = 4 * cfg.num_hidden_layers * attn * (seq_len + cfg.n_prefix)
+    aggregator = 2 * (p * h * h + h * p) if p > 1 else 0
+    return float(p * (backbone + attention) + aggregator + 2 * h * v)
+
+
+def train_flops_per_sequence(cfg: ps_config.ParScaleConfig, seq_len: int) -> float:
+    """3 x the forward FLOPs of a `seq_len`-token sequence: 6 N tokens (per stream) + 12 layers
+    heads head_dim (seq_len + n_prefix) tokens (per stream) + 3 x (aggregator + LM head)."""
+    return 3.0 * seq_len * forward_flops_per_token(cfg, seq_len)
+
+
 class ParScaleLMTask(Task):
     """Next-token prediction with a ParScale LM. Config: `model` (ParScaleConfig fields),
     `task.{seq_len, tokenizer, corpus, data_dir, seed, ...}` (the `lm_dataset` arguments), and
@@ -264,6 +295,12 @@ class ParScaleLMTask(Task):
     # -- model --------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         return ParScaleLM(self.model_config)
+
+    def train_flops_per_example(self) -> float:
+        """`train_flops_per_sequence` of one packed `task.seq_len` sequence (padding included:
+        the model computes it). With `freeze_backbone` the backbone's weight gradients are not
+        computed, so the convention's 3 x overstates a frozen run's work by up to a third."""
+        return train_flops_per_sequence(self.model_config, self.seq_len)
 
     def apply(
         self,
