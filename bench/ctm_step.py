@@ -1,9 +1,11 @@
 """CTM train-step and forward throughput, against this machine's own dense matmul peak.
 
-    python -m bench.ctm_step [--steps=3] [--skip_reference]
+    python -m bench.ctm_step [--steps=3] [--skip_reference] [--skip_maze]
 
-For the parity `:tiny` preset and the reference parity configuration (d_model 1024, 75 ticks,
-batch 64) it prints examples/s for a full train step (forward + backward + AdamW + projection) and
+For the parity `:tiny` preset, the reference parity configuration (d_model 1024, 75 ticks,
+batch 64) and the maze `:small` preset (resnet18-1 backbone, d_model 1024, 50 ticks, U-Net synapses
+of depth 8, 15x15 mazes, batch 16; the trainer's own jitted step: AdamW, the maze loss, BatchNorm
+statistics) it prints examples/s for a full train step (forward + backward + AdamW + projection) and
 for the forward alone, the achieved FLOP/s as a fraction of the dense float32 matmul FLOP/s
 measured in the same run, and the compile time of the train step at 5 and 75 ticks (the tick loop
 is one `nn.scan`, so compile time should stay nearly flat).
@@ -28,15 +30,18 @@ import optax
 from absl import app, flags
 
 from bench.timing import matmul_peak_flops, time_calls
-from configs import ctm_parity
+from configs import ctm_maze, ctm_parity
 from ctm_jax.config import CTMConfig
 from ctm_jax.flops import forward_flops
 from ctm_jax.losses import parity_loss
 from ctm_jax.model import CTM, project_params
 from launch import cli
+from train_lib import sharding, trainer
 from train_lib.mfu import peak_flops
 
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed calls per measurement.", lower_bound=1)
+_SKIP_MAZE = flags.DEFINE_bool("skip_maze", False, "Leave out the maze :small workload.")
+_MAZE_BATCH = flags.DEFINE_integer("maze_batch", 16, "Batch of the maze :small workload.")
 _SKIP_REFERENCE = flags.DEFINE_bool(
     "skip_reference", False, "Only the :tiny preset (the reference config takes minutes)."
 )
@@ -134,6 +139,66 @@ def bench_config(
     return result
 
 
+def bench_maze(preset: str, batch: int, steps: int, peak: float, chip_peak: float | None) -> dict:
+    """Times the trainer's own train step (`trainer.jit_train_step`) and the task's forward on
+    one batch of the maze preset; FLOPs from `MazeTask.train_flops_per_example`."""
+    config = ctm_maze.get_config(preset)
+    with config.unlocked():
+        config.train.batch_size = batch
+        config.mesh.data = 1  # one device, as the parity workloads
+    exp = trainer.build_experiment(config)
+    state = jax.jit(exp.init, out_shardings=exp.state_shardings)(jax.random.key(0))
+    batch_arrays = sharding.put_batch(exp.dataset("train")[0], exp.batch_sharding)
+    start = time.perf_counter()
+    with jax.set_mesh(exp.mesh), sharding.activate(exp.mesh, exp.logical_rules):
+        compiled = trainer.jit_train_step(exp).lower(state, batch_arrays).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": compiled(state, batch_arrays)[0]}  # warm-up
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch_arrays)
+        return metrics["loss"]
+
+    with jax.set_mesh(exp.mesh):
+        step_s = time_calls(one_step, steps)
+        params, buffers = holder["state"].params, holder["state"].buffers
+
+        @jax.jit
+        def forward(params, buffers, inputs):
+            outputs = exp.task.apply(exp.model, {"params": params, **buffers}, inputs, train=False)
+            return outputs.predictions
+
+        jax.block_until_ready(forward(params, buffers, batch_arrays))
+        fwd_s = time_calls(lambda: forward(params, buffers, batch_arrays), steps)
+    flops = exp.task.train_flops_per_example() / 3 * batch
+    ticks = exp.task.model_config.iterations
+    name = f"maze :{preset} ({exp.task.size})"
+    result = {
+        "name": name,
+        "batch": batch,
+        "ticks": ticks,
+        "compile_s": compile_s,
+        "train_step_s": step_s,
+        "train_examples_per_s": batch / step_s,
+        "train_flops_ratio": 3 * flops / step_s / peak,
+        "forward_s": fwd_s,
+        "forward_examples_per_s": batch / fwd_s,
+        "forward_flops_ratio": flops / fwd_s / peak,
+        "train_mfu": 3 * flops / step_s / chip_peak if chip_peak else None,
+        "forward_mfu": flops / fwd_s / chip_peak if chip_peak else None,
+    }
+    print(
+        f"{name:28s} batch {batch:3d} T {ticks:3d} | train {step_s * 1e3:8.1f} ms "
+        f"{batch / step_s:8.1f} ex/s {100 * result['train_flops_ratio']:5.1f}% of peak "
+        f"MFU {percent(result['train_mfu'])} | "
+        f"forward {fwd_s * 1e3:8.1f} ms {batch / fwd_s:8.1f} ex/s "
+        f"{100 * result['forward_flops_ratio']:5.1f}% of peak "
+        f"MFU {percent(result['forward_mfu'])} | compile {compile_s:5.1f} s",
+        flush=True,
+    )
+    return result
+
+
 def compile_seconds(cfg: CTMConfig, batch: int, length: int) -> float:
     train_step, _, state, x, targets = make_steps(cfg, batch, length)
     start = time.perf_counter()
@@ -162,6 +227,8 @@ def main(argv: Sequence[str]) -> None:
     else:
         print(f"no chip table peak for {kind!r}: no MFU (the '% of peak' is the f32 matmul's)")
     bench_config("parity :tiny", *model_config("tiny"), _STEPS.value, peak, chip_peak)
+    if not _SKIP_MAZE.value:
+        bench_maze("small", _MAZE_BATCH.value, _STEPS.value, peak, chip_peak)
     if _SKIP_REFERENCE.value:
         return
     reference, batch, length = model_config(None)
