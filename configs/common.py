@@ -34,6 +34,7 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
     values = dict(
         total_steps=200_001,  # optimiser updates of the whole run (a resumed run continues)
         batch_size=64,  # global batch, split over the processes and the data-parallel devices
+        microbatches=1,  # gradient accumulation: the batch in this many sequential pieces
         seed=0,  # model init and dropout
         log_every=100,  # steps per progress line and per train record (interval means)
         eval_every=1000,  # steps between evaluations (and at the last step); 0: never

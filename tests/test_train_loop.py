@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from train_helpers import (
     checkpoint_steps,
@@ -231,4 +232,40 @@ def test_bad_train_values_name_the_field(field, value):
     config = get_config("test")
     config.train[field] = value
     with pytest.raises(ConfigError, match=rf"^train\.{field}={value} is invalid"):
+        trainer.validate_config(config)
+
+
+def test_microbatches_accumulate_to_the_full_batch_update():
+    """train.microbatches=4: four sequential pieces of the batch, their mean gradient, one
+    update -- the same update as the whole batch at once (a mean loss; no dropout), up to
+    float reassociation; loss and metrics are the whole batch's too."""
+    config = get_config("test")
+    config.model.dropout = 0.0
+    task = make_task(config)
+    model = task.build_model()
+    tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
+    batch = task.example_batch(16)
+    state = trainer.init_state(task, model, tx, batch, jax.random.key(0))
+    whole = jax.jit(trainer.make_train_step(task, model, tx, schedule))
+    pieces = jax.jit(trainer.make_train_step(task, model, tx, schedule, microbatches=4))
+    (want, want_metrics), (got, got_metrics) = whole(state, batch), pieces(state, batch)
+    for name in ("loss", "accuracy", "grad_norm", "update_norm"):
+        np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=2e-5, err_msg=name)
+    flat_want, flat_got = ocp.tree.to_flat_dict(want.params), ocp.tree.to_flat_dict(got.params)
+    for path in flat_want:
+        np.testing.assert_allclose(flat_got[path], flat_want[path], rtol=1e-5, atol=1e-6)
+    # Not trivially equal: one microbatch alone gives another gradient.
+    alone = jax.jit(trainer.make_train_step(task, model, tx, schedule))(
+        state, jax.tree.map(lambda x: x[::4], batch)
+    )[1]
+    assert abs(float(alone["grad_norm"]) - float(want_metrics["grad_norm"])) > 1e-3
+
+
+def test_microbatches_must_divide_the_batch():
+    config = get_config("test")
+    config.train.microbatches = 3  # the test preset's batch is 16
+    with pytest.raises(ConfigError, match=r"train\.microbatches=3 is invalid: train\.batch_size="):
+        trainer.validate_config(config)
+    config.train.microbatches = 0
+    with pytest.raises(ConfigError, match=r"train\.microbatches=0 is invalid: must be >= 1"):
         trainer.validate_config(config)

@@ -103,6 +103,8 @@ def validate_train_config(train: Mapping[str, Any]) -> None:
     for name in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(train[name]) < 1:
             fail(name, "must be >= 1")
+    if int(train.get("microbatches", 1)) < 1:
+        fail("microbatches", "must be >= 1")
     for name in ("eval_every", "eval_batches", "data_threads", "data_prefetch"):
         if int(train[name]) < 0:
             fail(name, "must be >= 0")
@@ -198,6 +200,13 @@ def validate_config(
             f"train.batch_size={batch} is invalid: must be divisible by the data-parallel size "
             f"{dp} and the process count {jax.process_count()}"
         )
+    micro = int(config.train.get("microbatches", 1))
+    if batch % (micro * dp):
+        raise ConfigError(
+            f"train.microbatches={micro} is invalid: train.batch_size={batch} must be divisible "
+            f"by microbatches x the data-parallel size {dp} (every device takes equal rows of "
+            "every microbatch)"
+        )
     return task, mesh
 
 
@@ -262,31 +271,68 @@ def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """state, batch -> new state, scalar metrics (loss, task metrics, norms, lr)."""
+    """state, batch -> new state, scalar metrics (loss, task metrics, norms, lr).
+
+    `microbatches` > 1 (`train.microbatches`, gradient accumulation): the batch is split into
+    that many equal microbatches, processed one after the other by a `lax.scan` (activations of
+    one microbatch live at a time), and the mean of their gradients makes one optimiser update.
+    Microbatch j takes rows j, j + k, j + 2k, ... of the batch, so each device's rows contribute
+    to every microbatch (no data moves between devices). The loss and metrics are the means over
+    the microbatches -- for a loss that is a mean over examples, the whole batch's -- and the
+    mutable collections (BatchNorm statistics) are updated microbatch by microbatch. Microbatch
+    j draws its dropout from `fold_in(step key, j)`."""
     trainable = task.trainable()
+    mutable = list(task.mutable_collections)
+
+    def loss_fn(
+        params: Any, buffers: Any, batch: Batch, rng: jax.Array
+    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+        variables = {"params": params, **buffers}
+        if mutable:
+            outputs, updated = task.apply(
+                model, variables, batch, train=True, rng=rng, mutable=mutable
+            )
+        else:
+            outputs, updated = task.apply(model, variables, batch, train=True, rng=rng), {}
+        loss, step_metrics = task.loss_and_metrics(outputs, batch)
+        return loss, (step_metrics, updated)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated(
+        params: Any, buffers: Any, batch: Batch, rng: jax.Array
+    ) -> tuple[tuple[jax.Array, tuple[dict[str, jax.Array], Any]], Any]:
+        """grad_fn's result for the whole batch, from `microbatches` sequential pieces."""
+
+        def split(x: jax.Array) -> jax.Array:
+            rows = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+            return jnp.moveaxis(rows, 1, 0)  # [j] = rows j, j + k, ...
+
+        def one(carry: tuple[Any, Any], piece: tuple[Batch, jax.Array]) -> tuple[Any, Any]:
+            grad_sum, buffers = carry
+            micro, index = piece
+            (loss, (step_metrics, updated)), grads = grad_fn(
+                params, buffers, micro, jax.random.fold_in(rng, index)
+            )
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, {**buffers, **updated}), (loss, step_metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        pieces = (jax.tree.map(split, dict(batch)), jnp.arange(microbatches))
+        (grad_sum, buffers), (losses, step_metrics) = jax.lax.scan(one, (zeros, buffers), pieces)
+        grads = jax.tree.map(lambda g: g / microbatches, grad_sum)
+        step_metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), step_metrics)
+        updated = {name: buffers[name] for name in mutable}
+        return (jnp.mean(losses), (step_metrics, updated)), grads
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-        mutable = list(task.mutable_collections)
-
-        def loss_fn(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
-            variables = {"params": params, **state.buffers}
-            if mutable:
-                outputs, updated = task.apply(
-                    model, variables, batch, train=True, rng=dropout_rng, mutable=mutable
-                )
-            else:
-                outputs, updated = (
-                    task.apply(model, variables, batch, train=True, rng=dropout_rng),
-                    {},
-                )
-            loss, step_metrics = task.loss_and_metrics(outputs, batch)
-            return loss, (step_metrics, updated)
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (step_metrics, updated)), grads = grad_fn(state.params)
+        compute = accumulated if microbatches > 1 else grad_fn
+        (loss, (step_metrics, updated)), grads = compute(
+            state.params, state.buffers, batch, dropout_rng
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = task.project_params(optax.apply_updates(state.params, updates))
         if trainable is not None:  # frozen params stay exactly as they were
@@ -700,7 +746,13 @@ def jit_train_step(exp: Experiment) -> Any:
 
     The training loop and `launch.compile` (AOT for a TPU topology) both lower this one."""
     return jax.jit(
-        make_train_step(exp.task, exp.model, exp.tx, exp.schedule),
+        make_train_step(
+            exp.task,
+            exp.model,
+            exp.tx,
+            exp.schedule,
+            microbatches=int(exp.config.train.get("microbatches", 1)),
+        ),
         in_shardings=(exp.state_shardings, exp.batch_sharding),
         out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
