@@ -487,6 +487,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             parscale_n_tokens=48,  # learned prefix tokens per stream (used when P > 1)
             parscale_attn_smooth=0.1,  # eps of the stream weights: w (1 - eps) + eps / P
             dtype="float32",  # activations' dtype: float32 | bfloat16
+            # einsum: this port's grouped einsums; xla | cudnn | auto: jax.nn.dot_product_attention
+            attention="einsum",
         )
     )
     # tasks.parscale_lm.data.lm_dataset arguments.

@@ -9,6 +9,10 @@ from typing import Any
 from core.errors import ConfigError
 
 MODEL_TYPES = ("qwen2", "qwen2_parscale")
+# Attention implementations (ParScaleConfig.attention).
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "auto")
+# This library's own fields: never read from or written to an HF config.json.
+NOT_HF_FIELDS = frozenset({"dtype", "attention"})
 
 
 def _is_int(value: Any) -> bool:
@@ -44,6 +48,10 @@ class ParScaleConfig:
     # so always take it from the checkpoint's config.json.
     parscale_attn_smooth: float = 0.01  # eps in [0, 1): stream weights w (1 - eps) + eps / P
     dtype: str = "float32"  # not an HF field: activations' dtype, 'float32' or 'bfloat16'
+    # Not an HF field: 'einsum' (model.attend, grouped einsums) or jax.nn.dot_product_attention
+    # with implementation 'xla', 'cudnn' (fused GPU kernel) or 'auto' (JAX picks; cuDNN on GPUs
+    # where it applies). All compute the same softmax attention.
+    attention: str = "einsum"
 
     @property
     def kv_head_dim(self) -> int:
@@ -111,6 +119,8 @@ class ParScaleConfig:
             fail("parscale_attn_smooth", "must lie in [0, 1)")
         if self.dtype not in ("float32", "bfloat16"):
             fail("dtype", "allowed: float32, bfloat16")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            fail("attention", f"allowed: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         return self
 
     @classmethod
@@ -152,7 +162,7 @@ class ParScaleConfig:
             )
         if hf.get("rope_scaling"):
             raise fail("rope_scaling", hf["rope_scaling"], "only plain RoPE is supported")
-        known = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        known = {f.name for f in dataclasses.fields(cls)} - NOT_HF_FIELDS
         values = {k: hf[k] for k in known if k in hf and hf[k] is not None}
         rope = hf.get("rope_parameters")  # transformers >= 5 moved rope_theta in here
         if rope is not None and "rope_theta" not in values:
@@ -182,7 +192,9 @@ class ParScaleConfig:
     def to_hf(self) -> dict[str, Any]:
         """An HF config.json dict (Qwen2ParScale when P > 1, otherwise plain Qwen2)."""
         hf: dict[str, Any] = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "dtype"
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in NOT_HF_FIELDS
         }
         if hf["head_dim"] is None:
             del hf["head_dim"]

@@ -89,8 +89,22 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention. q (N, S, nh, hd); k, v (N, T, kvh, hd); mask (N, S, T) bool."""
+def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str = "einsum") -> Array:
+    """Grouped-query attention. q (N, S, nh, hd); k, v (N, T, kvh, hd); mask (N, S, T) bool.
+
+    'einsum': the grouped einsums below, logits and softmax in float32. Otherwise
+    `jax.nn.dot_product_attention` with that implementation ('xla', 'cudnn'; 'auto': None, JAX
+    picks), which also takes the logits and softmax in float32 and handles the groups itself."""
+    if implementation != "einsum":
+        n, s, nh, hd = q.shape
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask[:, None],
+            implementation=None if implementation == "auto" else implementation,
+        )
+        return out.reshape(n, s, nh * hd)
     n, s, nh, hd = q.shape
     kvh = k.shape[2]
     q = q.reshape(n, s, kvh, nh // kvh, hd)
@@ -140,7 +154,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             new_cache = (k, v)
-        out = attend(q, k, v, mask)
+        out = attend(q, k, v, mask, cfg.attention)
         return dense(cfg.hidden_size, "o_proj", False, dt)(out), new_cache
 
     def prefixes(self, rows: int) -> tuple[Array, Array]:

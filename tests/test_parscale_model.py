@@ -299,3 +299,36 @@ def test_folded_streams_equal_a_vmap_over_streams_with_the_shared_aggregator():
     )
     logits = hidden @ params["lm_head"]["kernel"]
     np.testing.assert_allclose(logits, folded.logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "auto"])
+def test_dot_product_attention_computes_what_the_einsums_compute(implementation):
+    """model.attention='xla'/'auto' (jax.nn.dot_product_attention) against the grouped einsums:
+    the same logits with prefixes, left padding and packed segments, and the same values and
+    cache through a cached decoding step; and gradients too."""
+    from parscale_jax.model import init_cache
+
+    fused = dataclasses.replace(TINY, attention=implementation)
+    params = random_params(TINY)
+    ids = jnp.array([[0, 0, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]])
+    mask = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    segments = jnp.array([[0, 0, 1, 1, 1, 2, 2], [1, 1, 1, 2, 2, 2, 2]])
+    outs = {}
+    for name, config in (("einsum", TINY), ("fused", fused)):
+        model = ParScaleLM(config)
+        full = model.apply({"params": params}, ids, attention_mask=mask).logits
+        packed = model.apply({"params": params}, ids, mask, segment_ids=segments).logits
+        cache = init_cache(config, params, 2, 9)
+        first = model.apply({"params": params}, ids[:, :6], mask[:, :6], cache=cache)
+        step = model.apply({"params": params}, ids[:, 6:], mask[:, 6:], cache=first.cache)
+        loss = lambda p, model=model: jnp.mean(
+            model.apply({"params": p}, ids, attention_mask=mask).logits ** 2
+        )
+        outs[name] = (full, packed, step.logits, jax.grad(loss)(params))
+    for want, got in zip(outs["einsum"][:3], outs["fused"][:3], strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    flat_want = jax.tree.leaves(outs["einsum"][3])
+    for want, got in zip(flat_want, jax.tree.leaves(outs["fused"][3]), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match=r"model\.attention='flash' is invalid: allowed: "):
+        dataclasses.replace(TINY, attention="flash").validate()
