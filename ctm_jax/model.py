@@ -112,7 +112,8 @@ class CTMTick(nn.Module):
         else:
             synapses = SynapseUNet(tuple(cfg.synapse_widths), cfg.dropout, name="synapses")
         pre_activation = synapses(synapse_input, det)
-        trace = jnp.concatenate([carry["trace"][:, :, 1:], pre_activation[:, :, None]], axis=-1)
+        # The history is carried neuron-major, (D, B, M), the neuron-level models' layout.
+        trace = jnp.concatenate([carry["trace"][:, :, 1:], pre_activation.T[:, :, None]], axis=-1)
 
         z = NeuronLevelModels(
             d_model=cfg.d_model,
@@ -246,7 +247,8 @@ class CTM(nn.Module):
         z0 = jnp.broadcast_to(start_state, (batch, d))
         carry = {
             "z": z0,
-            "trace": jnp.broadcast_to(start_trace, (batch, d, m)),
+            # neuron-major (D, B, M), see CTMTick
+            "trace": jnp.broadcast_to(start_trace[:, None, :], (d, batch, m)),
             # z^0 is the first sample of the output synchronisation's time series.
             "alpha_out": sync.pairwise_products(z0, ctx["out_pairs"]),
             "beta_out": jnp.ones((cfg.synch_size_out,), self.dtype),
@@ -273,7 +275,15 @@ class CTM(nn.Module):
         if initial_state_only:
             return carry, ctx
 
-        tick = nn.remat(CTMTick, prevent_cse=False) if cfg.remat_ticks else CTMTick
+        tick = (
+            nn.remat(
+                CTMTick,
+                prevent_cse=False,
+                policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            )
+            if cfg.remat_ticks
+            else CTMTick
+        )
         ticks = nn.scan(
             tick,
             variable_broadcast="params",

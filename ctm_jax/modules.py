@@ -63,6 +63,10 @@ class SuperLinear(nn.Module):
 
     out[b, n, h] = (sum_m x[b, n, m] * w1[m, h, n] + b1[0, n, h]) / T, with optional input dropout
     and LayerNorm over the memory axis, in that order (reference `SuperLinear`).
+
+    Input and output are neuron-major, x (N, B, in) -> (N, B, out): a batched matmul over
+    neurons with no transposes of the activations (the (B, N, in) layout costs a transpose of the
+    activations per call, forward and backward).
     """
 
     in_dims: int
@@ -74,7 +78,9 @@ class SuperLinear(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         if self.dropout > 0:
-            x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+            # The mask drawn in the (B, N, in) layout, so the same key drops the same entries.
+            x = nn.Dropout(self.dropout)(x.swapaxes(0, 1), deterministic=deterministic)
+            x = x.swapaxes(0, 1)
         if self.do_norm:
             x = layer_norm("layernorm")(x)
         bound = 1.0 / math.sqrt(self.in_dims + self.out_dims)
@@ -85,11 +91,12 @@ class SuperLinear(nn.Module):
             "b1", nn.initializers.zeros, (1, self.n_neurons, self.out_dims), jnp.float32
         )
         temperature = self.param("T", nn.initializers.ones, (1,), jnp.float32)
-        return (jnp.einsum("bnm,mhn->bnh", x, w1) + b1) / temperature
+        return (jnp.einsum("nbm,mhn->nbh", x, w1) + b1.swapaxes(0, 1)) / temperature
 
 
 class NeuronLevelModels(nn.Module):
-    """Maps each neuron's pre-activation history (B, D, M) to its post-activation (B, D).
+    """Maps each neuron's pre-activation history, neuron-major (D, B, M), to its post-activation
+    (B, D).
 
     deep: SL(M -> 2H) -> GLU -> SL(H -> 2) -> GLU; linear: SL(M -> 2) -> GLU.
     """
@@ -110,7 +117,7 @@ class NeuronLevelModels(nn.Module):
         if self.deep:
             h = SuperLinear(self.hidden_dims, 2, name="nlm_1", **common)(h, deterministic)
             h = glu(h)
-        return h[..., 0]
+        return h[..., 0].T
 
 
 class SynapseLayer(nn.Module):
@@ -161,7 +168,8 @@ def in_proj_init(d: int) -> nn.initializers.Initializer:
 
 
 class KeyValueProjection(nn.Module):
-    """The key/value half of torch.nn.MultiheadAttention's in-projection.
+    """The key/value half of torch.nn.MultiheadAttention's in-projection: (B, L, d) -> keys and
+    values, each (B, heads, L, head_dim).
 
     Keys and values do not change across ticks, so they are projected once per forward instead
     of once per tick as the reference does (87% of its parity forward FLOPs).
@@ -178,15 +186,17 @@ class KeyValueProjection(nn.Module):
             d, kernel_init=init, bias_init=nn.initializers.zeros, name=name
         )
         head_dim = d // self.heads
-        keys = dense("key")(kv).reshape(b, length, self.heads, head_dim)
-        values = dense("value")(kv).reshape(b, length, self.heads, head_dim)
-        return keys, values
+        # Head-major (B, heads, L, head_dim): the per-tick attention contracts them as plain
+        # batched matmuls over (B, heads); any other layout is re-transposed every tick.
+        split = lambda t: t.reshape(b, length, self.heads, head_dim).transpose(0, 2, 1, 3)
+        return split(dense("key")(kv)), split(dense("value")(kv))
 
 
 class QueryAttention(nn.Module):
     """The per-tick half of multi-head attention: one query token attending to fixed keys/values.
 
-    Returns the attention output (B, d) and the per-head weights (B, heads, 1, L).
+    Keys and values are (B, heads, L, head_dim) (`KeyValueProjection`). Returns the attention
+    output (B, d) and the per-head weights (B, heads, 1, L).
     """
 
     d_input: int
@@ -206,10 +216,10 @@ class QueryAttention(nn.Module):
             name="query",
         )(query)
         q = q.reshape(q.shape[0], self.heads, head_dim)
-        logits = jnp.einsum("bhe,blhe->bhl", q, keys) / math.sqrt(head_dim)
+        logits = jnp.einsum("bhe,bhle->bhl", q, keys) / math.sqrt(head_dim)
         weights = jax.nn.softmax(logits, axis=-1)
         dropped = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhl,blhe->bhe", dropped, values).reshape(q.shape[0], d)
+        out = jnp.einsum("bhl,bhle->bhe", dropped, values).reshape(q.shape[0], d)
         bound = 1.0 / math.sqrt(d)
         out = nn.Dense(d, kernel_init=uniform(bound), bias_init=nn.initializers.zeros, name="out")(
             out
