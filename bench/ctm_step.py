@@ -110,10 +110,25 @@ def bench_config(
     forward(params, x).block_until_ready()
     fwd_s = time_calls(lambda: forward(params, x), steps)
     flops = forward_flops(cfg, batch, length, cfg.d_input)
+    return report(name, batch, cfg.iterations, compile_s, step_s, fwd_s, flops, peak, chip_peak)
+
+
+def report(
+    name: str,
+    batch: int,
+    ticks: int,
+    compile_s: float,
+    step_s: float,
+    fwd_s: float,
+    flops: float,
+    peak: float,
+    chip_peak: float | None,
+) -> dict:
+    """Prints one workload's line and returns its numbers; `flops` is one forward of the batch."""
     result = {
         "name": name,
         "batch": batch,
-        "ticks": cfg.iterations,
+        "ticks": ticks,
         "compile_s": compile_s,
         "train_step_s": step_s,
         "train_examples_per_s": batch / step_s,
@@ -128,7 +143,7 @@ def bench_config(
         "forward_mfu": flops / fwd_s / chip_peak if chip_peak else None,
     }
     print(
-        f"{name:28s} batch {batch:3d} T {cfg.iterations:3d} | train {step_s * 1e3:8.1f} ms "
+        f"{name:28s} batch {batch:3d} T {ticks:3d} | train {step_s * 1e3:8.1f} ms "
         f"{batch / step_s:8.1f} ex/s {100 * result['train_flops_ratio']:5.1f}% of peak "
         f"MFU {percent(result['train_mfu'])} | "
         f"forward {fwd_s * 1e3:8.1f} ms {batch / fwd_s:8.1f} ex/s "
@@ -173,30 +188,7 @@ def bench_maze(preset: str, batch: int, steps: int, peak: float, chip_peak: floa
     flops = exp.task.train_flops_per_example() / 3 * batch
     ticks = exp.task.model_config.iterations
     name = f"maze :{preset} ({exp.task.size})"
-    result = {
-        "name": name,
-        "batch": batch,
-        "ticks": ticks,
-        "compile_s": compile_s,
-        "train_step_s": step_s,
-        "train_examples_per_s": batch / step_s,
-        "train_flops_ratio": 3 * flops / step_s / peak,
-        "forward_s": fwd_s,
-        "forward_examples_per_s": batch / fwd_s,
-        "forward_flops_ratio": flops / fwd_s / peak,
-        "train_mfu": 3 * flops / step_s / chip_peak if chip_peak else None,
-        "forward_mfu": flops / fwd_s / chip_peak if chip_peak else None,
-    }
-    print(
-        f"{name:28s} batch {batch:3d} T {ticks:3d} | train {step_s * 1e3:8.1f} ms "
-        f"{batch / step_s:8.1f} ex/s {100 * result['train_flops_ratio']:5.1f}% of peak "
-        f"MFU {percent(result['train_mfu'])} | "
-        f"forward {fwd_s * 1e3:8.1f} ms {batch / fwd_s:8.1f} ex/s "
-        f"{100 * result['forward_flops_ratio']:5.1f}% of peak "
-        f"MFU {percent(result['forward_mfu'])} | compile {compile_s:5.1f} s",
-        flush=True,
-    )
-    return result
+    return report(name, batch, ticks, compile_s, step_s, fwd_s, flops, peak, chip_peak)
 
 
 def compile_seconds(cfg: CTMConfig, batch: int, length: int) -> float:
