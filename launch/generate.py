@@ -30,6 +30,7 @@ from core.errors import ConfigError, DataError
 from launch import cli
 from parscale_jax.convert import load_checkpoint, read_config, read_hf_config
 from parscale_jax.generate import check_settings, generate, prompt_limit
+from tasks.parscale_lm.data import read_tokenizer_json
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Hugging Face checkpoint directory (config.json, weights, tokenizer.json)."
@@ -84,11 +85,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
     """tokenizer.json through the `tokenizers` library; DataError naming the file."""
     if not path.is_file():
         raise DataError(f"{path} does not exist: the checkpoint needs a {path.name}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception)
-        detail = " ".join(str(e).split())
-        raise DataError(f"{path} is not a readable tokenizer.json: {detail}") from None
+    return read_tokenizer_json(path)
 
 
 def run(

@@ -312,26 +312,38 @@ def select_intact_step(directory: epath.Path, log: Callable[[str], None]) -> int
     return None if step < 0 else step
 
 
-def _select_intact_step(directory: epath.Path, log: Callable[[str], None]) -> int | None:
-    damaged: list[tuple[int, DamagedCheckpointError]] = []
+def _newest_intact(
+    directory: epath.Path, log: Callable[[str], None], unverified: str
+) -> tuple[int | None, list[DamagedCheckpointError]]:
+    """(the newest committed step whose files verify, or None; the damaged newer ones, newest
+    first). A step without checksums counts as intact, with the line `... checksums.json:
+    <unverified>`."""
+    damaged: list[DamagedCheckpointError] = []
     for step in reversed(committed_steps(directory)):
         try:
             if not checkpoint_integrity.verify(directory / str(step), step):
-                log(f"checkpoint step {step} has no checksums.json: restoring it unverified")
+                log(f"checkpoint step {step} has no checksums.json: {unverified}")
         except DamagedCheckpointError as e:
-            damaged.append((step, e))
+            damaged.append(e)
             continue
-        for bad, error in damaged:
-            where = set_aside(directory, bad)
-            log(f"{error}; moved to {where}; resuming from step {step} instead")
-        return step
-    if damaged:
-        listed = "; ".join(str(e) for _, e in damaged)
-        raise DamagedCheckpointError(
-            f"no intact checkpoint in {directory}: {listed}. Nothing was moved; move them away "
-            "to start this run afresh"
-        )
-    return None
+        return step, damaged
+    return None, damaged
+
+
+def _no_intact(directory: epath.Path, damaged: list[DamagedCheckpointError], advice: str) -> str:
+    listed = "; ".join(str(e) for e in damaged)
+    return f"no intact checkpoint in {directory}: {listed}{advice}"
+
+
+def _select_intact_step(directory: epath.Path, log: Callable[[str], None]) -> int | None:
+    step, damaged = _newest_intact(directory, log, "restoring it unverified")
+    if step is None and damaged:
+        advice = ". Nothing was moved; move them away to start this run afresh"
+        raise DamagedCheckpointError(_no_intact(directory, damaged, advice))
+    for error in damaged:
+        where = set_aside(directory, error.step)
+        log(f"{error}; moved to {where}; resuming from step {step} instead")
+    return step
 
 
 def committed_steps(directory: epath.Path) -> list[int]:
@@ -351,20 +363,12 @@ def newest_intact_readonly(directory: epath.Path, log: Callable[[str], None]) ->
     """For readers of a workdir (evaluation, export, init_from): the newest committed step whose
     files verify; damaged newer ones are reported in one line each and skipped, nothing is
     moved. None when there is no checkpoint; DamagedCheckpointError when none is intact."""
-    steps = committed_steps(directory)
-    errors = []
-    for step in reversed(steps):
-        try:
-            if not checkpoint_integrity.verify(directory / str(step), step):
-                log(f"checkpoint step {step} has no checksums.json: reading it unverified")
-        except DamagedCheckpointError as e:
-            log(f"{e}; skipped")
-            errors.append(str(e))
-            continue
-        return step
-    if errors:
-        raise DamagedCheckpointError(f"no intact checkpoint in {directory}: {'; '.join(errors)}")
-    return None
+    step, damaged = _newest_intact(directory, log, "reading it unverified")
+    for error in damaged:
+        log(f"{error}; skipped")
+    if step is None and damaged:
+        raise DamagedCheckpointError(_no_intact(directory, damaged, ""))
+    return step
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

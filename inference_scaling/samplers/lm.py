@@ -35,7 +35,6 @@ canonical text do not).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,9 +49,9 @@ from inference_scaling.engine import Sample, Sampler
 from inference_scaling.ledger import SampleCost, lm_decode_flops
 from inference_scaling.tasks.base import Instance
 from parscale_jax.config import ParScaleConfig
-from parscale_jax.convert import load_checkpoint
+from parscale_jax.convert import load_checkpoint, read_hf_config
 from parscale_jax.generate import generate_rows
-from tasks.parscale_lm.data import HFTokenizer, Tokenizer
+from tasks.parscale_lm.data import HFTokenizer, Tokenizer, read_tokenizer_json
 
 MIN_BATCH = 8  # smallest padded batch (the padded batch sizes are powers of two from here)
 
@@ -75,22 +74,15 @@ def load_tokenizer(directory: str | Path) -> HFTokenizer:
     pad_token_id; PAD defaults to EOS)."""
     directory = Path(directory)
     path, config_path = directory / "tokenizer.json", directory / "config.json"
-    for needed in (path, config_path):
-        if not needed.is_file():
-            raise DataError(f"{needed} does not exist: the checkpoint needs it")
-    try:
-        hf = json.loads(config_path.read_text())
-        assert isinstance(hf, dict), f"expected a JSON object, got {type(hf).__name__}"
-    except (UnicodeDecodeError, json.JSONDecodeError, AssertionError) as e:
-        raise DataError(f"{config_path} is not valid JSON: {e}") from None
+    hf = read_hf_config(directory)  # DataError naming a missing or unreadable config.json
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: the checkpoint needs it")
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
     if not isinstance(eos, int):
         raise DataError(f"{config_path} has no integer eos_token_id (found {eos!r})")
     pad = hf.get("pad_token_id")
-    from tokenizers import Tokenizer as _Tokenizer
-
-    tok = _Tokenizer.from_file(str(path))
+    tok = read_tokenizer_json(path)
     return HFTokenizer(tok, eos, pad if isinstance(pad, int) else eos, spec=str(path))
 
 

@@ -139,6 +139,18 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
+def read_tokenizer_json(path: str | os.PathLike) -> Any:
+    """A `tokenizers.Tokenizer` from an existing tokenizer.json; DataError naming the file when
+    the library cannot read it (it raises plain Exception)."""
+    from tokenizers import Tokenizer as _Tokenizer
+
+    try:
+        return _Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path} is not a readable tokenizer.json: {detail}") from None
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` through the `tokenizers` library (no special tokens are
     added when encoding)."""
@@ -157,16 +169,11 @@ class HFTokenizer:
         """Reads `path`; EOS is `eos_token`, else `eos_token` of `tokenizer_config.json` in the
         same folder. PAD likewise (`pad_token`), defaulting to EOS (it only fills the padding,
         which the loss mask excludes)."""
-        from tokenizers import Tokenizer as _Tokenizer
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        try:
-            tok = _Tokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 (the tokenizers library raises plain Exception)
-            detail = " ".join(str(e).split()) or type(e).__name__
-            raise DataError(f"{path} is not a readable tokenizer.json: {detail}") from None
+        tok = read_tokenizer_json(path)
         config_path = path.parent / "tokenizer_config.json"
         config: dict[str, Any] = {}
         if config_path.is_file():
