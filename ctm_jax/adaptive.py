@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from core.errors import ConfigError
 from ctm_jax.model import CTM, CTMTick
+from ctm_jax.modules import nlm_weights
 
 Array = jax.Array
 
@@ -57,7 +58,7 @@ def adaptive_forward(
         raise ConfigError(f"max_ticks={max_ticks!r} is invalid: must be >= 1")
     carry, ctx = model.apply(variables, x, train=False, initial_state_only=True)
     tick = CTMTick(model.config, deterministic=True, track=False)
-    tick_variables = {"params": variables["params"]["ticks"]}
+    tick_variables = nlm_weights({"params": variables["params"]["ticks"]}, to_loop=True)
 
     def run_tick(state: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
         return tick.apply(tick_variables, state, ctx)

@@ -37,6 +37,7 @@ from ctm_jax.modules import (
     SynapseLayer,
     SynapseUNet,
     layer_norm,
+    nlm_weights,
     uniform,
 )
 from ctm_jax.sharding_rules import PARAM_AXES
@@ -78,7 +79,9 @@ def certainty(logits: Array, prediction_shape: tuple[int, ...]) -> Array:
 
 
 class CTMTick(nn.Module):
-    """One internal tick; `nn.scan` runs it T times over the carried state."""
+    """One internal tick; `nn.scan` runs it T times over the carried state. Its parameters are
+    the CTM's 'ticks' params with the neuron-level models' weights in the loop layout
+    (`nlm_weights(..., to_loop=True)`)."""
 
     config: CTMConfig
     deterministic: bool
@@ -291,6 +294,16 @@ class CTM(nn.Module):
             in_axes=nn.broadcast,
             out_axes=0,
             length=cfg.iterations,
+        )
+        # The neuron-level models' weights enter the loop neuron-major, moved once per forward.
+        initializing = self.is_initializing()
+        ticks = nn.map_variables(
+            ticks,
+            "params",
+            trans_in_fn=lambda v: nlm_weights(v, to_loop=True),
+            trans_out_fn=lambda v: nlm_weights(v, to_loop=False),
+            init=initializing,
+            mutable=initializing,
         )
         final, per_tick = ticks(cfg, deterministic=not train, track=track, name="ticks")(carry, ctx)
 

@@ -2,13 +2,14 @@
 the synapse models (GLU layer and U-Net), multi-head cross-attention split into a once-per-forward
 key/value projection and a per-tick query, and the positional embeddings.
 
-Parameter layouts follow Flax (Dense kernels are (in, out)); SuperLinear keeps the reference's
-(in, out, neurons) layout because it is already the natural einsum operand.
+Parameter layouts follow Flax (Dense kernels are (in, out)); SuperLinear's weight is stored in the
+reference's (in, out, neurons) layout and used neuron-major (`nlm_weights`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -67,6 +68,11 @@ class SuperLinear(nn.Module):
     Input and output are neuron-major, x (N, B, in) -> (N, B, out): a batched matmul over
     neurons with no transposes of the activations (the (B, N, in) layout costs a transpose of the
     activations per call, forward and backward).
+
+    The module's w1 is neuron-major too, (N, in, out) (`LOOP_LAYOUT`); checkpoints and the
+    reference store it (in, out, N). `CTM` maps between the two once per forward, outside the
+    tick loop (`nlm_weights`): transposed inside the loop, XLA:CPU copied the weight every tick,
+    and its gradient back, forward and backward (about a fifth of the maze :small train step).
     """
 
     in_dims: int
@@ -85,13 +91,42 @@ class SuperLinear(nn.Module):
             x = layer_norm("layernorm")(x)
         bound = 1.0 / math.sqrt(self.in_dims + self.out_dims)
         w1 = self.param(
-            "w1", uniform(bound), (self.in_dims, self.out_dims, self.n_neurons), jnp.float32
+            "w1", loop_layout_init(uniform(bound)), (self.n_neurons, self.in_dims, self.out_dims)
         )
         b1 = self.param(
             "b1", nn.initializers.zeros, (1, self.n_neurons, self.out_dims), jnp.float32
         )
         temperature = self.param("T", nn.initializers.ones, (1,), jnp.float32)
-        return (jnp.einsum("nbm,mhn->nbh", x, w1) + b1.swapaxes(0, 1)) / temperature
+        return (jnp.einsum("nbm,nmh->nbh", x, w1) + b1.swapaxes(0, 1)) / temperature
+
+
+# SuperLinear's w1: stored (in, out, N) -> used (N, in, out), and back.
+LOOP_LAYOUT = (2, 0, 1)
+STORAGE_LAYOUT = (1, 2, 0)
+
+
+def loop_layout_init(init: nn.initializers.Initializer) -> nn.initializers.Initializer:
+    """`init` drawn in the stored layout, then transposed: the same values as a param created
+    (in, out, N) directly, so a seed gives the same model whichever layout the module uses."""
+
+    def draw(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        n, fan_in, fan_out = shape
+        return init(key, (fan_in, fan_out, n), dtype).transpose(LOOP_LAYOUT)
+
+    return draw
+
+
+def nlm_weights(variables: Any, to_loop: bool) -> Any:
+    """A tick's variables with every neuron-level model's w1 (`trace_processor/nlm_*/w1`) moved
+    to the loop layout (`to_loop`) or back to the stored one; everything else as it is."""
+    axes = LOOP_LAYOUT if to_loop else STORAGE_LAYOUT
+
+    def move(path: tuple[Any, ...], leaf: Array) -> Array:
+        names = [getattr(k, "key", str(k)) for k in path]
+        is_w1 = len(names) >= 3 and names[-3] == "trace_processor" and names[-1] == "w1"
+        return leaf.transpose(axes) if is_w1 else leaf
+
+    return jax.tree_util.tree_map_with_path(move, variables)
 
 
 class NeuronLevelModels(nn.Module):

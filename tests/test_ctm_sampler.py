@@ -24,6 +24,7 @@ from ctm_jax.adaptive import adaptive_forward
 from ctm_jax.config import CTMConfig
 from ctm_jax.flops import ctm_flops
 from ctm_jax.model import CTM, CTMOutput, CTMTick
+from ctm_jax.modules import nlm_weights
 from inference_scaling.engine import sample_key
 from inference_scaling.samplers import ctm_maze as sampler_lib
 from inference_scaling.samplers.ctm_maze import CTMMazeSampler
@@ -273,7 +274,7 @@ def test_analytic_flops_match_xla_cost_analysis(make):
     carry, ctx = model.apply(variables, x, initial_state_only=True)
     tick = CTMTick(cfg, deterministic=True, track=False)
     per_tick = xla_flops(
-        lambda p, c, ctx: tick.apply({"params": p}, c, ctx),
+        lambda p, c, ctx: tick.apply(nlm_weights({"params": p}, to_loop=True), c, ctx),
         variables["params"]["ticks"],
         carry,
         ctx,
