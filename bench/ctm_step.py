@@ -1,6 +1,6 @@
 """CTM train-step and forward throughput, against this machine's own dense matmul peak.
 
-    python -m bench.ctm_step [--steps=3] [--skip_reference] [--skip_maze] [--dropout_rng=rbg]
+    python -m bench.ctm_step [--steps=3] [--skip_reference] [--skip_maze]
 
 For the parity `:tiny` preset, the reference parity configuration (d_model 1024, 75 ticks,
 batch 64) and the maze `:small` preset (resnet18-1 backbone, d_model 1024, 50 ticks, U-Net synapses
@@ -42,12 +42,6 @@ from train_lib.mfu import peak_flops
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed calls per measurement.", lower_bound=1)
 _SKIP_MAZE = flags.DEFINE_bool("skip_maze", False, "Leave out the maze :small workload.")
 _MAZE_BATCH = flags.DEFINE_integer("maze_batch", 16, "Batch of the maze :small workload.")
-_DROPOUT_RNG = flags.DEFINE_enum(
-    "dropout_rng",
-    "rbg",
-    list(trainer.DROPOUT_RNG_IMPLS),
-    "train.dropout_rng of the maze :small workload (its dropout is 0.1).",
-)
 _SKIP_REFERENCE = flags.DEFINE_bool(
     "skip_reference", False, "Only the :tiny preset (the reference config takes minutes)."
 )
@@ -160,20 +154,12 @@ def report(
     return result
 
 
-def bench_maze(
-    preset: str,
-    batch: int,
-    steps: int,
-    peak: float,
-    chip_peak: float | None,
-    dropout_rng: str = "rbg",
-) -> dict:
+def bench_maze(preset: str, batch: int, steps: int, peak: float, chip_peak: float | None) -> dict:
     """Times the trainer's own train step (`trainer.jit_train_step`) and the task's forward on
     one batch of the maze preset; FLOPs from `MazeTask.train_flops_per_example`."""
     config = ctm_maze.get_config(preset)
     with config.unlocked():
         config.train.batch_size = batch
-        config.train.dropout_rng = dropout_rng
         config.mesh.data = 1  # one device, as the parity workloads
     exp = trainer.build_experiment(config)
     state = jax.jit(exp.init, out_shardings=exp.state_shardings)(jax.random.key(0))
@@ -234,7 +220,7 @@ def main(argv: Sequence[str]) -> None:
         print(f"no chip table peak for {kind!r}: no MFU (the '% of peak' is the f32 matmul's)")
     bench_config("parity :tiny", *model_config("tiny"), _STEPS.value, peak, chip_peak)
     if not _SKIP_MAZE.value:
-        bench_maze("small", _MAZE_BATCH.value, _STEPS.value, peak, chip_peak, _DROPOUT_RNG.value)
+        bench_maze("small", _MAZE_BATCH.value, _STEPS.value, peak, chip_peak)
     if _SKIP_REFERENCE.value:
         return
     reference, batch, length = model_config(None)

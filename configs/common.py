@@ -36,9 +36,6 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
         batch_size=64,  # global batch, split over the processes and the data-parallel devices
         microbatches=1,  # gradient accumulation: the batch in this many sequential pieces
         seed=0,  # model init and dropout
-        # generator of each step's dropout masks: rbg (XLA's RngBitGenerator, fast on CPU and
-        # TPU), unsafe_rbg, or threefry2x32 (jax's default; the same masks on every mesh)
-        dropout_rng="rbg",
         log_every=100,  # steps per progress line and per train record (interval means)
         eval_every=1000,  # steps between evaluations (and at the last step); 0: never
         eval_batches=16,  # held-out batches per evaluation (the same ones every time)
@@ -82,7 +79,6 @@ def mesh_section(**overrides) -> ml_collections.ConfigDict:
         norm="",  # normalisation scales and biases
         streams="",  # ParScale parallel streams
         prefix="",  # ParScale prefix tokens
-        layers="",  # the stacked decoder layers of model.scan_layers (the LM)
         memory="",  # CTM memory length (pre-activation history)
         nlm_hidden="",  # CTM neuron-level model hidden width
         synch="",  # CTM synchronisation representation

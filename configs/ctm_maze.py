@@ -256,6 +256,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             neuron_select_type="first-last",  # out: the first n neurons, action: the last n
             n_random_pairing_self=0,  # self pairs (random-pairing only)
             variant="ctm",  # ctm | sort
+            # compute dtype: float32 | bfloat16 (params, optimiser state, softmaxes, certainties
+            # and the synchronisation stay float32)
+            dtype="float32",
         )
     )
     config.task = ml_collections.ConfigDict(

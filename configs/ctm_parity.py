@@ -102,6 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             neuron_select_type="random",  # each pair: two neurons drawn at random
             n_random_pairing_self=0,  # self pairs (random-pairing only)
             variant="ctm",  # ctm | sort
+            # compute dtype: float32 | bfloat16 (params, optimiser state, softmaxes, certainties
+            # and the synchronisation stay float32)
+            dtype="float32",
         )
     )
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from core.errors import ConfigError
-from ctm_jax.model import CTM, CTMTick
+from ctm_jax.model import CTM, CTMTick, cast_floating
 from ctm_jax.modules import nlm_weights
 
 Array = jax.Array
@@ -58,7 +58,9 @@ def adaptive_forward(
         raise ConfigError(f"max_ticks={max_ticks!r} is invalid: must be >= 1")
     carry, ctx = model.apply(variables, x, train=False, initial_state_only=True)
     tick = CTMTick(model.config, deterministic=True, track=False)
-    tick_variables = nlm_weights({"params": variables["params"]["ticks"]}, to_loop=True)
+    tick_variables = cast_floating(
+        nlm_weights({"params": variables["params"]["ticks"]}, to_loop=True), model.compute_dtype
+    )
 
     def run_tick(state: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
         return tick.apply(tick_variables, state, ctx)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -84,6 +85,7 @@ def conv(
     groups: int = 1,
     kernel_init: nn.initializers.Initializer = _KAIMING_FAN_OUT,
     bias_init: nn.initializers.Initializer = nn.initializers.zeros,
+    dtype: Any = None,
     name: str | None = None,
 ) -> nn.Conv:
     """A channels-last Conv2d with torch's explicit symmetric padding (kernel HWIO)."""
@@ -96,6 +98,7 @@ def conv(
         feature_group_count=groups,
         kernel_init=kernel_init,
         bias_init=bias_init,
+        dtype=dtype,
         name=name,
     )
 
@@ -108,7 +111,8 @@ class BatchNorm(nn.Module):
     names. Train mode normalises with the biased batch variance and updates
     running = (1 - 0.1) running + 0.1 batch statistic using the *unbiased* batch variance, as torch
     does (flax.linen.BatchNorm stores the biased one, hence this module). Eval mode normalises
-    with the running statistics. Nothing is updated while initialising.
+    with the running statistics. Nothing is updated while initialising. Statistics are taken in
+    float32 whatever the activations' dtype; the output has the input's dtype.
     """
 
     epsilon: float = BN_EPS
@@ -129,9 +133,10 @@ class BatchNorm(nn.Module):
             "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
         )
         axes = tuple(range(x.ndim - 1))
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
         if train:
-            mean = jnp.mean(x, axis=axes)
-            var = jnp.mean(jnp.square(x - mean), axis=axes)  # two-pass, biased
+            mean = jnp.mean(x, axis=axes, dtype=stat_dtype)
+            var = jnp.mean(jnp.square(x.astype(stat_dtype) - mean), axis=axes)  # two-pass, biased
             if not self.is_initializing():
                 n = math.prod(x.shape[:-1])
                 unbiased = var * (n / max(n - 1, 1))
@@ -140,10 +145,10 @@ class BatchNorm(nn.Module):
                 running_var.value = (1 - m) * running_var.value + m * unbiased.astype(jnp.float32)
                 count.value = count.value + 1
         else:
-            mean = running_mean.value.astype(x.dtype)
-            var = running_var.value.astype(x.dtype)
-        inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(x.dtype)
-        return (x - mean) * inv + bias.astype(x.dtype)
+            mean = running_mean.value.astype(stat_dtype)
+            var = running_var.value.astype(stat_dtype)
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(stat_dtype)
+        return ((x.astype(stat_dtype) - mean) * inv + bias.astype(stat_dtype)).astype(x.dtype)
 
 
 def max_pool_3x3_s2(x: Array) -> Array:
@@ -156,14 +161,15 @@ class BasicBlock(nn.Module):
 
     width: int
     stride: int
+    dtype: Any = None  # compute dtype of the convolutions; None: that of input and params
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        out = conv(self.width, 3, self.stride, 1, name="conv1")(x)
+        out = conv(self.width, 3, self.stride, 1, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(BatchNorm(name="bn1")(out, train))
-        out = conv(self.width, 3, 1, 1, name="conv2")(out)
+        out = conv(self.width, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
         out = BatchNorm(name="bn2")(out, train)
-        return nn.relu(out + _shortcut(x, self.width, self.stride, train))
+        return nn.relu(out + _shortcut(x, self.width, self.stride, train, self.dtype))
 
 
 class Bottleneck(nn.Module):
@@ -171,27 +177,28 @@ class Bottleneck(nn.Module):
 
     width: int
     stride: int
+    dtype: Any = None  # compute dtype of the convolutions; None: that of input and params
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        out = conv(self.width, 1, name="conv1")(x)
+        out = conv(self.width, 1, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(BatchNorm(name="bn1")(out, train))
-        out = conv(self.width, 3, self.stride, 1, name="conv2")(out)
+        out = conv(self.width, 3, self.stride, 1, dtype=self.dtype, name="conv2")(out)
         out = nn.relu(BatchNorm(name="bn2")(out, train))
-        out = conv(self.width * BOTTLENECK_EXPANSION, 1, name="conv3")(out)
+        out = conv(self.width * BOTTLENECK_EXPANSION, 1, dtype=self.dtype, name="conv3")(out)
         out = BatchNorm(name="bn3")(out, train)
-        shortcut = _shortcut(x, self.width * BOTTLENECK_EXPANSION, self.stride, train)
+        shortcut = _shortcut(x, self.width * BOTTLENECK_EXPANSION, self.stride, train, self.dtype)
         return nn.relu(out + shortcut)
 
 
-def _shortcut(x: Array, channels: int, stride: int, train: bool) -> Array:
+def _shortcut(x: Array, channels: int, stride: int, train: bool, dtype: Any = None) -> Array:
     """Identity, or (when the shape changes) 1x1 conv (no bias, stride) + BN = `downsample`.
 
     Called inside a block's compact __call__, so the submodules attach to that block.
     """
     if stride == 1 and x.shape[-1] == channels:
         return x
-    projected = conv(channels, 1, stride, name="downsample_0")(x)
+    projected = conv(channels, 1, stride, dtype=dtype, name="downsample_0")(x)
     return BatchNorm(name="downsample_1")(projected, train)
 
 
@@ -201,24 +208,29 @@ class ResNetBackbone(nn.Module):
 
     depth: int
     hyper_blocks: int
+    dtype: Any = None  # compute dtype of the convolutions; None: that of input and params
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         kind, counts = RESNET_LAYOUTS[self.depth]
         block = Bottleneck if kind == "bottleneck" else BasicBlock
-        x = conv(64, 3, 1, 1, name="conv1")(x)
+        x = conv(64, 3, 1, 1, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(BatchNorm(name="bn1")(x, train))
         x = max_pool_3x3_s2(x)
         for layer in range(self.hyper_blocks):
             for j in range(counts[layer]):
                 stride = 2 if layer > 0 and j == 0 else 1
-                x = block(RESNET_WIDTHS[layer], stride, name=f"layer{layer + 1}_{j}")(x, train)
+                x = block(RESNET_WIDTHS[layer], stride, self.dtype, name=f"layer{layer + 1}_{j}")(
+                    x, train
+                )
         return x
 
 
 class ShallowWide(nn.Module):
     """Conv(C->4096, 3, s2, p1) -> GLU -> BN(2048) -> Conv(2048->4096, 3, p1, groups 32) -> GLU
     -> BN(2048). Convs use torch's default init; names follow the reference's `layers.{i}`."""
+
+    dtype: Any = None  # compute dtype of the convolutions; None: that of input and params
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -231,6 +243,7 @@ class ShallowWide(nn.Module):
             use_bias=True,
             kernel_init=torch_default_conv_init(fan_in),
             bias_init=torch_default_conv_init(fan_in),
+            dtype=self.dtype,
             name="layers_0",
         )(x)
         x = BatchNorm(name="layers_2")(glu(x), train)
@@ -244,6 +257,7 @@ class ShallowWide(nn.Module):
             groups=32,
             kernel_init=torch_default_conv_init(fan_in),
             bias_init=torch_default_conv_init(fan_in),
+            dtype=self.dtype,
             name="layers_3",
         )(x)
         return BatchNorm(name="layers_5")(glu(x), train)
@@ -253,26 +267,32 @@ class ParityBackbone(nn.Module):
     """Embedding(2, d) indexed by (x == 1): (B, L) of +-1 -> (B, L, d)."""
 
     d_embedding: int
+    dtype: Any = None  # output dtype; None: that of the embedding table
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         del train
         embed = nn.Embed(
-            2, self.d_embedding, embedding_init=nn.initializers.normal(1.0), name="embedding"
+            2,
+            self.d_embedding,
+            embedding_init=nn.initializers.normal(1.0),
+            dtype=self.dtype,
+            name="embedding",
         )
         return embed((x == 1).astype(jnp.int32))
 
 
-def make_backbone(backbone_type: str, d_input: int) -> nn.Module | None:
+def make_backbone(backbone_type: str, d_input: int, dtype: Any = None) -> nn.Module | None:
     """The backbone module for `backbone_type`, or None for the identity. Every module takes
-    `(x, train)`; only the ResNets and shallow-wide use `train` (BatchNorm)."""
+    `(x, train)`; only the ResNets and shallow-wide use `train` (BatchNorm). `dtype`: the compute
+    dtype (None: that of the input and params)."""
     if backbone_type == "parity_backbone":
-        return ParityBackbone(d_input, name="backbone")
+        return ParityBackbone(d_input, dtype, name="backbone")
     if backbone_type == "none":
         return None
     if backbone_type == "shallow-wide":
-        return ShallowWide(name="backbone")
+        return ShallowWide(dtype, name="backbone")
     parsed = parse_resnet(backbone_type)
     if parsed is not None:
-        return ResNetBackbone(*parsed, name="backbone")
+        return ResNetBackbone(*parsed, dtype, name="backbone")
     raise ValueError(f"unknown backbone_type {backbone_type!r}")

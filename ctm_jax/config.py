@@ -29,6 +29,7 @@ POSITIONAL_EMBEDDINGS = (
 )
 NEURON_SELECT_TYPES = ("first-last", "random", "random-pairing")
 VARIANTS = ("ctm", "sort")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Reference model classes (models/ctm.py, models/ctm_sort.py) -> our variant name.
 REFERENCE_CLASSES = {
@@ -56,7 +57,7 @@ def unet_widths(d_model: int, depth: int, minimum_width: int = 16) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class CTMConfig:
     """Arguments of the reference `ContinuousThoughtMachine` constructor (same names), plus the
-    variant and `remat_ticks`. Each field is explained where it is defined below."""
+    variant, `remat_ticks` and `dtype`. Each field is explained where it is defined below."""
 
     iterations: int  # internal ticks T per forward pass
     d_model: int  # neurons D (width of the recurrent state z)
@@ -84,6 +85,10 @@ class CTMConfig:
     # Same numbers either way; on CPU about 2x faster train steps (stacking per-tick residuals is
     # memory-bound) and far less memory for long tick counts.
     remat_ticks: bool = True  # not a reference argument: recompute ticks in the backward pass
+    # Not a reference argument: the dtype of the matmuls, convolutions and activations, 'float32'
+    # or 'bfloat16'. Params and optimiser state stay float32; softmaxes, certainties, the
+    # synchronisation accumulators and their read-outs (the predictions) stay float32 too.
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -137,6 +142,8 @@ class CTMConfig:
                 _fail(p, name, value, "must be a positive integer")
         if self.variant not in VARIANTS:
             _fail(p, "variant", self.variant, f"allowed: {', '.join(VARIANTS)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            _fail(p, "dtype", self.dtype, f"allowed: {', '.join(COMPUTE_DTYPES)}")
         if self.backbone_type not in BACKBONES:
             _fail(
                 p,

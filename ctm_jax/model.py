@@ -96,19 +96,23 @@ class CTMTick(nn.Module):
         ys: dict[str, Array] = {}
 
         if cfg.has_attention:
-            products = sync.pairwise_products(z, ctx["action_pairs"])
+            # Products of the (compute-dtype) state, accumulated in the accumulators' dtype.
+            products = sync.pairwise_products(z, ctx["action_pairs"]).astype(
+                carry["alpha_action"].dtype
+            )
             synch_action, carry["alpha_action"], carry["beta_action"] = sync.update_synchronisation(
                 carry["alpha_action"], carry["beta_action"], products, ctx["r_action"]
             )
-            query = Linear(cfg.d_input, name="q_proj")(synch_action)
+            # The query in the compute dtype; the synchronisation that feeds it is float32.
+            query = Linear(cfg.d_input, name="q_proj")(synch_action).astype(z.dtype)
             attended, attention = QueryAttention(
                 cfg.d_input, cfg.heads, cfg.dropout, name="attention"
             )(query, ctx["keys"], ctx["values"], det)
-            synapse_input = jnp.concatenate([attended, z], axis=-1)
+            synapse_input = jnp.concatenate([attended.astype(z.dtype), z], axis=-1)
             if self.track:
                 ys.update(synch_action=synch_action, attention=attention)
         else:
-            synapse_input = jnp.concatenate([ctx["inputs"], z], axis=-1)
+            synapse_input = jnp.concatenate([ctx["inputs"].astype(z.dtype), z], axis=-1)
 
         if cfg.synapse_depth == 1:
             synapses = SynapseLayer(cfg.d_model, cfg.dropout, name="synapses")
@@ -116,6 +120,8 @@ class CTMTick(nn.Module):
             synapses = SynapseUNet(tuple(cfg.synapse_widths), cfg.dropout, name="synapses")
         pre_activation = synapses(synapse_input, det)
         # The history is carried neuron-major, (D, B, M), the neuron-level models' layout.
+        # (The casts are no-ops except while initialising, when the params are not cast yet.)
+        pre_activation = pre_activation.astype(z.dtype)
         trace = jnp.concatenate([carry["trace"][:, :, 1:], pre_activation.T[:, :, None]], axis=-1)
 
         z = NeuronLevelModels(
@@ -126,11 +132,11 @@ class CTMTick(nn.Module):
             do_norm=cfg.do_layernorm_nlm,
             dropout=cfg.nlm_dropout,
             name="trace_processor",
-        )(trace, det)
+        )(trace, det).astype(z.dtype)
         # The per-tick state, split over neurons under tensor parallelism (no-op without rules).
         z = nn.with_logical_constraint(z, ("batch", "neurons"))
 
-        products = sync.pairwise_products(z, ctx["out_pairs"])
+        products = sync.pairwise_products(z, ctx["out_pairs"]).astype(carry["alpha_out"].dtype)
         synch_out, carry["alpha_out"], carry["beta_out"] = sync.update_synchronisation(
             carry["alpha_out"], carry["beta_out"], products, ctx["r_out"]
         )
@@ -153,8 +159,12 @@ class CTM(nn.Module):
     pass mutable=['batch_stats'] with train=True to get the updated ones back; train=False
     normalises with them).
 
-    `dtype` is the dtype of the input and the recurrent state (float64 needs jax x64 and float64
-    variables; it exists to compare against the reference's float64 runs).
+    `dtype` is the dtype of the input and of the synchronisation accumulators (float64 needs jax
+    x64 and float64 variables; it exists to compare against the reference's float64 runs).
+    `config.dtype` is the compute dtype: with 'bfloat16' the backbone, projections, synapses,
+    neuron-level models and the state z / pre-activation history run in bfloat16 (the tick
+    params are cast once per forward, outside the tick loop), while params, softmaxes,
+    certainties, the synchronisation and the predictions stay float32.
     """
 
     config: CTMConfig
@@ -162,10 +172,16 @@ class CTM(nn.Module):
     # Logical axis names of every parameter, for the trainer's sharding (a path-regex table).
     param_axes: ClassVar = PARAM_AXES
 
+    @property
+    def compute_dtype(self) -> Any:
+        """bfloat16 for config.dtype 'bfloat16'; None (follow the input and params) otherwise."""
+        return jnp.bfloat16 if self.config.dtype == "bfloat16" else None
+
     def featurise(self, x: Array, train: bool = False) -> Array:
         """[initial_rgb ->] backbone -> + positional embedding -> tokens -> Linear -> LayerNorm:
         (B, L, d_input). `train` switches the backbone's BatchNorms to batch statistics."""
         cfg = self.config
+        dt = self.compute_dtype
         if parse_resnet(cfg.backbone_type) is not None:
             # The reference's lazily-sized 1x1 conv to RGB (torch default init, with bias).
             x = conv(
@@ -174,15 +190,17 @@ class CTM(nn.Module):
                 use_bias=True,
                 kernel_init=torch_default_conv_init(x.shape[-1]),
                 bias_init=torch_default_conv_init(x.shape[-1]),
+                dtype=dt,
                 name="initial_rgb",
             )(x)
-        backbone = make_backbone(cfg.backbone_type, cfg.d_input)
+        backbone = make_backbone(cfg.backbone_type, cfg.d_input, dt)
         features = x if backbone is None else backbone(x, train)
         if cfg.positional_embedding_type != "none":
             embed = POSITIONAL_EMBEDDINGS[cfg.positional_embedding_type]
-            features = features + embed(features.shape[-1], name="positional_embedding")(features)
+            position = embed(features.shape[-1], name="positional_embedding")(features)
+            features = (features + position).astype(dt or features.dtype)
         tokens = features.reshape(features.shape[0], -1, features.shape[-1])
-        kv = layer_norm("kv_norm")(Linear(cfg.d_input, name="kv_proj")(tokens))
+        kv = layer_norm("kv_norm", dt)(Linear(cfg.d_input, dtype=dt, name="kv_proj")(tokens))
         return nn.with_logical_constraint(kv, ("batch", "length", "embed"))
 
     def _index_buffers(self, role: str, n_synch: int) -> tuple[Array, Array]:
@@ -235,7 +253,7 @@ class CTM(nn.Module):
         if cfg.has_attention:
             kv = self.featurise(x, train)
             ctx["keys"], ctx["values"] = KeyValueProjection(
-                cfg.d_input, cfg.heads, name="attention_kv"
+                cfg.d_input, cfg.heads, self.compute_dtype, name="attention_kv"
             )(kv)
             decay_action = self.param(
                 "decay_params_action", nn.initializers.zeros, (cfg.synch_size_action,), PARAM_DTYPE
@@ -248,10 +266,11 @@ class CTM(nn.Module):
             ctx["inputs"] = x
 
         z0 = jnp.broadcast_to(start_state, (batch, d))
+        state_dtype = self.compute_dtype or z0.dtype
         carry = {
-            "z": z0,
+            "z": z0.astype(state_dtype),
             # neuron-major (D, B, M), see CTMTick
-            "trace": jnp.broadcast_to(start_trace[:, None, :], (d, batch, m)),
+            "trace": jnp.broadcast_to(start_trace[:, None, :], (d, batch, m)).astype(state_dtype),
             # z^0 is the first sample of the output synchronisation's time series.
             "alpha_out": sync.pairwise_products(z0, ctx["out_pairs"]),
             "beta_out": jnp.ones((cfg.synch_size_out,), self.dtype),
@@ -295,12 +314,14 @@ class CTM(nn.Module):
             out_axes=0,
             length=cfg.iterations,
         )
-        # The neuron-level models' weights enter the loop neuron-major, moved once per forward.
+        # The neuron-level models' weights enter the loop neuron-major, moved (and cast to the
+        # compute dtype) once per forward.
         initializing = self.is_initializing()
+        compute = None if initializing else self.compute_dtype
         ticks = nn.map_variables(
             ticks,
             "params",
-            trans_in_fn=lambda v: nlm_weights(v, to_loop=True),
+            trans_in_fn=lambda v: cast_floating(nlm_weights(v, to_loop=True), compute),
             trans_out_fn=lambda v: nlm_weights(v, to_loop=False),
             init=initializing,
             mutable=initializing,
@@ -317,6 +338,15 @@ class CTM(nn.Module):
             synch_out=final["alpha_out"] / jnp.sqrt(final["beta_out"]),
             tracking=tracking if track else None,
         )
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """Every floating leaf of `tree` cast to `dtype`; the tree itself when `dtype` is None."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
 
 
 def project_params(config: CTMConfig, params: dict[str, Any]) -> dict[str, Any]:

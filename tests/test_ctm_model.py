@@ -12,7 +12,7 @@ import pytest
 from ctm_jax import convert, losses
 from ctm_jax.config import ConfigError, CTMConfig, unet_widths
 from ctm_jax.model import CTM, project_params
-from ctm_jax.modules import POSITIONAL_EMBEDDINGS
+from ctm_jax.modules import POSITIONAL_EMBEDDINGS, Dropout, keep_mask
 from tests.train_helpers import SMALL_CTM
 
 BASE = SMALL_CTM
@@ -145,6 +145,27 @@ def test_dropout_is_random_per_call_and_off_in_eval():
     np.testing.assert_array_equal(train_a.predictions, train_b.predictions)
     assert not np.allclose(train_a.predictions, train_c.predictions)
     assert not np.allclose(train_a.predictions, eval_a)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_hash_dropout_masks_are_bernoulli_and_independent(rate):
+    """`keep_mask`: the kept fraction is 1 - rate (binomial 6 sigma), masks of two keys agree as
+    often as independent draws do, neighbours are uncorrelated, kept entries are scaled by
+    1 / (1 - rate) as nn.Dropout does, and deterministic mode is the identity."""
+    shape, keep = (64, 128, 25), 1.0 - rate
+    n = np.prod(shape)
+    a = np.asarray(keep_mask(jax.random.key(0), shape, keep)).ravel()
+    b = np.asarray(keep_mask(jax.random.fold_in(jax.random.key(0), 1), shape, keep)).ravel()
+    sigma = np.sqrt(keep * rate / n)
+    assert abs(a.mean() - keep) < 6 * sigma
+    agree = keep**2 + rate**2
+    assert abs((a == b).mean() - agree) < 6 * np.sqrt(agree * (1 - agree) / n)
+    for lag in (1, 25, 128 * 25):
+        assert abs(np.corrcoef(a[:-lag], a[lag:])[0, 1]) < 6 / np.sqrt(n)
+    x = jnp.ones(shape)
+    dropped = Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_allclose(np.unique(np.asarray(dropped)), [0.0, 1 / keep], rtol=1e-6)
+    assert Dropout(rate).apply({}, x, True) is x
 
 
 def test_each_tick_draws_its_own_dropout_mask():

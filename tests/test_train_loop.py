@@ -261,24 +261,6 @@ def test_microbatches_accumulate_to_the_full_batch_update():
     assert abs(float(alone["grad_norm"]) - float(want_metrics["grad_norm"])) > 1e-3
 
 
-def test_step_dropout_keys_per_generator():
-    """train.dropout_rng: each step's key comes from (base key, step) for the chosen generator;
-    steps differ, the same step repeats (what a bit-identical resume needs), and the masks drop
-    the configured fraction."""
-    base = jax.random.key(7)
-    for impl in trainer.DROPOUT_RNG_IMPLS:
-        keys = [trainer.step_dropout_key(base, jnp.int32(s), impl) for s in (3, 3, 4)]
-        assert jax.random.key_impl(keys[0]) == jax.random.key_impl(jax.random.key(0, impl=impl))
-        data = [np.asarray(jax.random.key_data(k)) for k in keys]
-        assert np.array_equal(data[0], data[1]) and not np.array_equal(data[0], data[2])
-        kept = jax.random.bernoulli(keys[0], 0.9, (256, 256))
-        assert abs(float(kept.mean()) - 0.9) < 0.01
-    config = get_config("test")
-    config.train.dropout_rng = "philox"
-    with pytest.raises(ConfigError, match=r"^train\.dropout_rng='philox' is invalid: must be one"):
-        trainer.validate_config(config)
-
-
 def test_microbatches_must_divide_the_batch():
     config = get_config("test")
     config.train.microbatches = 3  # the test preset's batch is 16

@@ -116,30 +116,7 @@ def validate_train_config(train: Mapping[str, Any]) -> None:
             fail(name, "must be true or false")
     if train.get("transfer_guard", "allow") not in TRANSFER_GUARD_LEVELS:
         fail("transfer_guard", f"must be one of {', '.join(TRANSFER_GUARD_LEVELS)}")
-    if train.get("dropout_rng", "rbg") not in DROPOUT_RNG_IMPLS:
-        fail("dropout_rng", f"must be one of {', '.join(DROPOUT_RNG_IMPLS)}")
     mfu_peak_setting(train)
-
-
-# Random-bit generators for the per-step dropout key (train.dropout_rng). 'rbg' is XLA's
-# RngBitGenerator; 'threefry2x32' is jax's default, which XLA:CPU runs as a rolled loop: with
-# the maze :small preset's dropout (0.1 on ~1M activations per tick, drawn again when the tick
-# is rematerialised) threefry took about a third of the train step on a 2-core CPU
-# (bench/ctm_step.py). Both give the same masks for any mesh on CPU; on TPU only threefry
-# promises that across shardings.
-DROPOUT_RNG_IMPLS = ("rbg", "unsafe_rbg", "threefry2x32")
-
-
-def step_dropout_key(base: jax.Array, step: jax.Array, impl: str = "rbg") -> jax.Array:
-    """The dropout key of one step: `fold_in(base, step)`, re-keyed for `impl`.
-
-    The stored base key stays threefry (checkpoints keep their layout); a step's key for another
-    generator is seeded with 128 bits drawn from that step's threefry key."""
-    key = jax.random.fold_in(base, step)
-    if impl == "threefry2x32":
-        return key
-    words = jax.random.key_data(jax.random.key(0, impl=impl)).shape
-    return jax.random.wrap_key_data(jax.random.bits(key, words, jnp.uint32), impl=impl)
 
 
 # jax.transfer_guard levels for train.transfer_guard; "allow" (the default) checks nothing.
@@ -295,7 +272,6 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     microbatches: int = 1,
-    dropout_rng_impl: str = "rbg",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """state, batch -> new state, scalar metrics (loss, task metrics, norms, lr).
 
@@ -306,8 +282,7 @@ def make_train_step(
     to every microbatch (no data moves between devices). The loss and metrics are the means over
     the microbatches -- for a loss that is a mean over examples, the whole batch's -- and the
     mutable collections (BatchNorm statistics) are updated microbatch by microbatch. Microbatch
-    j draws its dropout from `fold_in(step key, j)`. `dropout_rng_impl` is the step key's
-    generator (`step_dropout_key`, `train.dropout_rng`)."""
+    j draws its dropout from `fold_in(step key, j)`."""
     trainable = task.trainable()
     mutable = list(task.mutable_collections)
 
@@ -353,7 +328,7 @@ def make_train_step(
         return (jnp.mean(losses), (step_metrics, updated)), grads
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        dropout_rng = step_dropout_key(state.rng, state.step, dropout_rng_impl)
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
         compute = accumulated if microbatches > 1 else grad_fn
         (loss, (step_metrics, updated)), grads = compute(
             state.params, state.buffers, batch, dropout_rng
@@ -777,7 +752,6 @@ def jit_train_step(exp: Experiment) -> Any:
             exp.tx,
             exp.schedule,
             microbatches=int(exp.config.train.get("microbatches", 1)),
-            dropout_rng_impl=str(exp.config.train.get("dropout_rng", "rbg")),
         ),
         in_shardings=(exp.state_shardings, exp.batch_sharding),
         out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
