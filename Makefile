@@ -36,7 +36,7 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 
 test: lint
-	$(VENV_PY) -m pytest tests
+	$(VENV_PY) -m pytest tests --durations=20
 
 demo: venv
 	$(VENV_PY) -m launch.demo --config=configs/ctm_maze.py:cpu --workdir=runs/maze_demo

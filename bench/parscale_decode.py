@@ -31,24 +31,34 @@ for every P in --streams and batch B in --batches it measures:
   new tokens (the preallocated capacity) and n_prefix = 48 for P > 1 but 0 for P = 1 (this port's
   P = 1 is plain Qwen2, with no prefix slots).
 
-Ratios are against P = 1 at the same batch size. The FLOP counts are analytic: per decode step
-P * B * 2 * (non-embedding backbone parameters) + attention as executed (the step attends the
-whole preallocated buffer, 4 * layers * heads * head_dim * (n_prefix + capacity) per row) +
-B * (aggregator 2 * (P * H * H + H * P) + LM head 2 * H * V); the prefill runs the backbone on
-P * B * prompt rows and the aggregator and LM head only at the last position. XLA's own count
-(`cost_analysis`, which adds the elementwise work) goes into the JSON next to them. The achieved
-fraction is against a 2048^3 float32 `jnp.dot` timed in the same run; on a chip in
-`train_lib.mfu`'s table (TPU v4/v5e/v5p/v6e, H100/H200) two MFU columns set the same FLOP/s
-against the chip's dense bf16 peak. Everything runs on one device, so tokens/s are per device
-(the JSON's `*_per_device` keys say so). "GB/s" is the bytes a
-decode step has to read at least (its argument buffers as XLA keeps them: the parameters it uses,
-i.e. not the prefixes, which live in the cache, + the whole KV buffer) over its latency, to set
-against the float32 matrix-vector bandwidth also measured in the run.
+Ratios are against P = 1 at the same batch size; the last lines give decode latency P=8 / P=1 at
+batch 1 and at batch 8 (and the batch-1 peak-memory ratio next to the paper's cost model). The
+FLOP counts are analytic: per decode step P * B * 2 * (non-embedding backbone parameters) +
+attention as executed (the step attends the whole preallocated buffer, 4 * layers * heads *
+head_dim * (n_prefix + capacity) per row) + B * (aggregator 2 * (P * H * H + H * P) + LM head
+2 * H * V); the prefill runs the backbone on P * B * prompt rows and the aggregator and LM head
+only at the last position. XLA's own count (`cost_analysis`, which adds the elementwise work) goes
+into the JSON next to them. The achieved fraction is against a 2048^3 float32 `jnp.dot` timed in
+the same run; on a chip in `train_lib.mfu`'s table (TPU v4/v5e/v5p/v6e, H100/H200) two MFU columns
+set the same FLOP/s against the chip's dense bf16 peak. Everything runs on one device, so tokens/s
+are per device (the JSON's `*_per_device` keys say so). "GB/s" is the bytes a decode step has to
+read at least (its argument buffers as XLA keeps them: the parameters it uses, i.e. not the
+prefixes, which live in the cache, + the whole KV buffer) over its latency, to set against the
+float32 matrix-vector bandwidth also measured in the run.
 
-Tied embeddings on XLA:CPU: the model computes the tied LM head as `embed_tokens.attend(h)`
-(h @ E^T), for which XLA:CPU copies a transposed 98 MB embedding every call; that is most of a
-batch-1 decode step and does not grow with P, so it flattens latency(P)/latency(1). `--untied`
-runs the same model with a separate LM-head matrix (124.7M parameters) for comparison.
+Where a decode step's time goes on XLA:CPU (profiled with `jax.profiler`, per-thunk times):
+
+* The tied LM head contracts h against the (V, H) embedding as stored (`ParScaleLM`'s einsum, a
+  dot with rhs_contracting_dims={1}); no transposed copy of the 98 MB table is made (`Embed.attend`
+  made XLA:CPU copy it every call). `--untied` runs the same model with a separate LM-head matrix
+  (124.7M parameters) for comparison.
+* The KV cache is head-major (rows, kv_heads, slots, head_dim), so the attention matmuls read it
+  in place; with slots before heads XLA transposed every layer's whole key and value buffers at
+  every step (11 ms of a 79 ms P = 8, batch-1 step).
+* The P streams are folded into the rows of one matmul per weight (row p*B + b), so each weight is
+  read once per step for all streams. On this CPU an f32 matmul with 8 rows still costs about
+  2.4x a matrix-vector product per weight byte (24 768x2048 kernels: 29.5 ms at 8 rows, 12.2 ms at
+  1 row), which is what P = 8 (and batch 8) pays over P = 1 at batch 1.
 """
 
 from __future__ import annotations
@@ -502,6 +512,14 @@ def main(argv: Sequence[str]) -> None:
             f"x{p8['memory_ratio']:.3f} (paper's cost model, 1.6B on A100, in=out=128: "
             f"x{PAPER_P8_OVER_P1['latency']:.2f} latency, x{PAPER_P8_OVER_P1['memory']:.3f} "
             f"memory)"
+        )
+    if (1, 8) in by_key and (8, 8) in by_key:
+        p8 = by_key[(8, 8)]
+        summary["decode_latency_P8_over_P1_batch8"] = p8["latency_ratio"]
+        summary["memory_P8_over_P1_batch8"] = p8["memory_ratio"]
+        print(
+            f"batch 8, P=8 vs P=1: decode latency x{p8['latency_ratio']:.2f}, peak memory "
+            f"x{p8['memory_ratio']:.3f}"
         )
     wall_s = time.perf_counter() - wall_start
     print(f"wall time {wall_s:.0f} s")

@@ -79,6 +79,7 @@ def mesh_section(**overrides) -> ml_collections.ConfigDict:
         norm="",  # normalisation scales and biases
         streams="",  # ParScale parallel streams
         prefix="",  # ParScale prefix tokens
+        layers="",  # the stacked decoder layers of model.scan_layers (the LM)
         memory="",  # CTM memory length (pre-activation history)
         nlm_hidden="",  # CTM neuron-level model hidden width
         synch="",  # CTM synchronisation representation

@@ -489,6 +489,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dtype="float32",  # activations' dtype: float32 | bfloat16
             # einsum: this port's grouped einsums; xla | cudnn | auto: jax.nn.dot_product_attention
             attention="einsum",
+            scan_layers=False,  # True: layers as one nn.scan (stacked params)
+            # none | full | dots_saveable | dots_with_no_batch_dims_saveable | nothing_saveable
+            remat_policy="none",
         )
     )
     # tasks.parscale_lm.data.lm_dataset arguments.
@@ -546,4 +549,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config[key].update(value)
         else:  # a whole section (a ConfigDict: the arithmetic task's) or a top-level value
             config[key] = copy.deepcopy(value)
+    if config.task.get("tokenizer", "") is None:
+        # A plain None field cannot be overridden from the command line; a str placeholder can
+        # (--config.task.tokenizer=PATH), and stays None (an error at start) until it is.
+        config.task.tokenizer = config_dict.placeholder(str)
     return config

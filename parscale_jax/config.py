@@ -11,8 +11,18 @@ from core.errors import ConfigError
 MODEL_TYPES = ("qwen2", "qwen2_parscale")
 # Attention implementations (ParScaleConfig.attention).
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "auto")
+# Rematerialisation policies of the decoder layers (ParScaleConfig.remat_policy): 'none' keeps
+# every activation for the backward pass; 'full' is jax.checkpoint's default (recompute the layer,
+# keep only its inputs); the others are the jax.checkpoint_policies of those names.
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "nothing_saveable",
+)
 # This library's own fields: never read from or written to an HF config.json.
-NOT_HF_FIELDS = frozenset({"dtype", "attention"})
+NOT_HF_FIELDS = frozenset({"dtype", "attention", "scan_layers", "remat_policy"})
 
 
 def _is_int(value: Any) -> bool:
@@ -52,6 +62,10 @@ class ParScaleConfig:
     # with implementation 'xla', 'cudnn' (fused GPU kernel) or 'auto' (JAX picks; cuDNN on GPUs
     # where it applies). All compute the same softmax attention.
     attention: str = "einsum"
+    # Not an HF field: the decoder layers as one nn.scan-ned layer (params and KV cache get a
+    # leading layer axis; one layer is compiled instead of num_hidden_layers copies).
+    scan_layers: bool = False
+    remat_policy: str = "none"  # not an HF field: one of REMAT_POLICIES, for the decoder layers
 
     @property
     def kv_head_dim(self) -> int:
@@ -121,6 +135,10 @@ class ParScaleConfig:
             fail("dtype", "allowed: float32, bfloat16")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             fail("attention", f"allowed: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        if not isinstance(self.scan_layers, bool):
+            fail("scan_layers", f"expected true or false, {got('scan_layers')}")
+        if self.remat_policy not in REMAT_POLICIES:
+            fail("remat_policy", f"allowed: {', '.join(REMAT_POLICIES)}")
         return self
 
     @classmethod

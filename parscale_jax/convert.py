@@ -12,7 +12,10 @@ The weight mapping only; `parscale_jax.oracle` checks the port against reference
 Names: `parscale_jax/param_table.py` lists every module once, with its HF tensor name
 ('model.layers.{i}.self_attn.q_proj.weight' <-> 'layers_{i}/self_attn/q_proj/kernel'); the
 ParScale prefixes and aggregator exist only when P > 1, lm_head only when untied. Layouts: torch
-Linear weights are (out, in), Flax kernels (in, out); everything else is copied as is.
+Linear weights are (out, in), Flax kernels (in, out); everything else is copied as is. With
+`model.scan_layers` (not an HF field) the Flax layers are stacked under 'layers' with a leading
+layer axis: params go through the per-layer layout on the way in and out
+(`model.stack_layer_params` / `unstack_layer_params`), so the files are the same either way.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from safetensors.numpy import load_file, save_file
 
 from core.errors import CheckpointMismatchError, ConfigError, DataError
 from parscale_jax.config import ParScaleConfig
-from parscale_jax.model import ParScaleLM
+from parscale_jax.model import ParScaleLM, params_for, unstack_layer_params
 from parscale_jax.param_table import PARAM_TABLE
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,23 +56,30 @@ def _is_kernel(path: tuple[str, ...]) -> bool:
 
 
 def abstract_params(config: ParScaleConfig) -> dict[str, Any]:
+    """ShapeDtypeStructs of the model's params (in the layer layout config.scan_layers asks)."""
     model = ParScaleLM(config)
     tokens = jnp.zeros((1, 2), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
 
 
+def _per_layer(config: ParScaleConfig) -> ParScaleConfig:
+    """The config with unscanned layers: the layout HF names are defined on."""
+    return dataclasses.replace(config, scan_layers=False)
+
+
 def expected_shapes(config: ParScaleConfig) -> dict[str, tuple[int, ...]]:
     return {
         hf_key(path): tuple(reversed(leaf.shape)) if _is_kernel(path) else tuple(leaf.shape)
-        for path, leaf in flatten_dict(abstract_params(config)).items()
+        for path, leaf in flatten_dict(abstract_params(_per_layer(config))).items()
     }
 
 
 def params_from_state_dict(
     config: ParScaleConfig, state_dict: Mapping[str, np.ndarray]
 ) -> dict[str, Any]:
-    """HF tensors -> Flax params; every missing, unexpected or mis-shaped name is reported."""
-    abstract = flatten_dict(abstract_params(config))
+    """HF tensors -> Flax params (stacked when config.scan_layers); every missing, unexpected or
+    mis-shaped name is reported."""
+    abstract = flatten_dict(abstract_params(_per_layer(config)))
     expected = {hf_key(p): p for p in abstract}
     problems = []
     for key in sorted(set(expected) - set(state_dict)):
@@ -108,14 +118,15 @@ def params_from_state_dict(
             f"checkpoint does not fit its config ({len(problems)} problems):\n  "
             + "\n  ".join(problems)
         )
-    return unflatten_dict(flat)
+    return params_for(config, unflatten_dict(flat))
 
 
 def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax params -> HF tensor names and layouts (no lm_head when the head is tied)."""
+    """Flax params (either layer layout) -> HF tensor names and layouts (no lm_head when the
+    head is tied)."""
     return {
         hf_key(path): np.ascontiguousarray(np.asarray(v).T if _is_kernel(path) else np.asarray(v))
-        for path, v in flatten_dict(params).items()
+        for path, v in flatten_dict(unstack_layer_params(params)).items()
     }
 
 

@@ -202,7 +202,7 @@ def at_parscale_n(
     for name, value in params.items():
         if name == "aggregate_layer":
             continue
-        if name.startswith("layers_"):
+        if name == "layers" or name.startswith("layers_"):  # stacked (scan_layers) or not
             attn = {k: v for k, v in value["self_attn"].items() if not k.startswith("prefix_")}
             value = {**value, "self_attn": attn}
         backbone[name] = value

@@ -10,12 +10,21 @@ The streams share every backbone weight; P = 1 has no prefixes and no aggregator
 Qwen2 (RMSNorm pre-norm, rotate-half RoPE, grouped-query attention with q/k/v biases, SwiGLU).
 
 Decoding uses a preallocated KV cache (`KVCache`): slots [0, n_prefix) hold the prefixes, token t
-of the (left-padded) sequence sits at slot n_prefix + t, for every one of the P*B rows.
+of the (left-padded) sequence sits at slot n_prefix + t, for every one of the P*B rows. The
+buffers are head-major, (P*B, kv_heads, slots, head_dim), the layout the attention's batched
+matmuls read directly: with slots before heads, XLA:CPU transposed every layer's whole key and
+value buffers at every decode step (11 of 79 ms of a P = 8, batch-1 step of bench.parscale_decode).
+
+`scan_layers=True` runs the decoder layers as one `nn.scan`-ned layer: every layer parameter gets a
+leading layer axis (under 'layers' instead of 'layers_0', 'layers_1', ...; `stack_layer_params` /
+`unstack_layer_params` convert between the two layouts) and the cache's keys and values are one
+(layers, P*B, kv_heads, slots, head_dim) array each, scanned with the parameters.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -38,11 +47,13 @@ def dtype_of(config: ParScaleConfig) -> Any:
 
 @flax.struct.dataclass
 class KVCache:
-    """Per-layer keys/values (P*B, n_prefix + max_len, kv_heads, head_dim), which token slots hold
-    real tokens (B, max_len), and how many tokens have been written."""
+    """Keys/values per layer, head-major (P*B, kv_heads, n_prefix + max_len, head_dim): a tuple of
+    num_hidden_layers arrays, or one (layers, P*B, kv_heads, n_prefix + max_len, head_dim) array
+    with scan_layers; which token slots hold real tokens (B, max_len), and how many tokens have
+    been written."""
 
-    keys: tuple[Array, ...]
-    values: tuple[Array, ...]
+    keys: tuple[Array, ...] | Array
+    values: tuple[Array, ...] | Array
     token_valid: Array
     length: Array
 
@@ -89,12 +100,24 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str = "einsum") -> Array:
-    """Grouped-query attention. q (N, S, nh, hd); k, v (N, T, kvh, hd); mask (N, S, T) bool.
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    implementation: str = "einsum",
+    heads_major: bool = False,
+) -> Array:
+    """Grouped-query attention. q (N, S, nh, hd); k, v (N, T, kvh, hd), or (N, kvh, T, hd) with
+    heads_major (the KV cache's layout); mask (N, S, T) bool.
 
     'einsum': the grouped einsums below, logits and softmax in float32. Otherwise
     `jax.nn.dot_product_attention` with that implementation ('xla', 'cudnn'; 'auto': None, JAX
     picks), which also takes the logits and softmax in float32 and handles the groups itself."""
+    if heads_major and implementation != "einsum":
+        # dot_product_attention takes (N, T, heads, hd) only.
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        heads_major = False
     if implementation != "einsum":
         n, s, nh, hd = q.shape
         out = jax.nn.dot_product_attention(
@@ -106,12 +129,13 @@ def attend(q: Array, k: Array, v: Array, mask: Array, implementation: str = "ein
         )
         return out.reshape(n, s, nh * hd)
     n, s, nh, hd = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1 if heads_major else 2]
     q = q.reshape(n, s, kvh, nh // kvh, hd)
-    logits = jnp.einsum("nskgd,ntkd->nkgst", q, k).astype(jnp.float32) / math.sqrt(hd)
+    kv_spec = "nktd" if heads_major else "ntkd"
+    logits = jnp.einsum(f"nskgd,{kv_spec}->nkgst", q, k).astype(jnp.float32) / math.sqrt(hd)
     logits = jnp.where(mask[:, None, None], logits, MASKED)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("nkgst,ntkd->nskgd", weights, v)
+    out = jnp.einsum(f"nkgst,{kv_spec}->nskgd", weights, v)
     return out.reshape(n, s, nh * hd)
 
 
@@ -130,8 +154,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array, layer_cache: Any = None):
-        """x (P*B, S, H). Without a cache, keys are [prefix; tokens]; with one, the new keys are
-        written at slot n_prefix + length and the whole buffer is attended (masked)."""
+        """x (P*B, S, H). Without a cache, keys are [prefix; tokens]; with one, (keys, values,
+        length), the new keys are written head-major at slot n_prefix + length and the whole
+        buffer is attended (masked)."""
         cfg = self.config
         dt = dtype_of(cfg)
         nh, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_head_dim
@@ -150,11 +175,13 @@ class Attention(nn.Module):
             new_cache = None
         else:
             cache_k, cache_v, length = layer_cache
-            start = (0, cfg.n_prefix + length, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            start = (0, 0, cfg.n_prefix + length, 0)
+            k = jnp.swapaxes(k, 1, 2).astype(cache_k.dtype)  # the S new slots, head-major
+            v = jnp.swapaxes(v, 1, 2).astype(cache_v.dtype)
+            k = jax.lax.dynamic_update_slice(cache_k, k, start)
+            v = jax.lax.dynamic_update_slice(cache_v, v, start)
             new_cache = (k, v)
-        out = attend(q, k, v, mask, cfg.attention)
+        out = attend(q, k, v, mask, cfg.attention, heads_major=layer_cache is not None)
         return dense(cfg.hidden_size, "o_proj", False, dt)(out), new_cache
 
     def prefixes(self, rows: int) -> tuple[Array, Array]:
@@ -181,17 +208,54 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer, (x, positions, mask, length, kv) -> (x, new kv): kv is this
+    layer's (keys, values) cache buffers (None without a cache), length the tokens already in
+    it. The signature is nn.scan's (carry first; the rest broadcast, kv scanned)."""
+
     config: ParScaleConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache=None):
+    def __call__(self, x, positions, mask, length=None, kv=None):
         cfg = self.config
+        layer_cache = None if kv is None else (*kv, length)
         attn_out, new_cache = Attention(cfg, name="self_attn")(
             RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, layer_cache
         )
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
-        return x, new_cache
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+
+
+def remat_layer(config: ParScaleConfig) -> type[nn.Module]:
+    """DecoderLayer under `config.remat_policy` ('none': the plain class). Inside nn.scan the
+    recomputation cannot be CSE'd across iterations, so prevent_cse is off there (as JAX
+    recommends for scanned checkpoints)."""
+    if config.remat_policy == "none":
+        return DecoderLayer
+    policies = {
+        "full": None,  # jax.checkpoint's default: save nothing but the layer's inputs
+        "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": (
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        ),
+    }
+    return nn.remat(
+        DecoderLayer, policy=policies[config.remat_policy], prevent_cse=not config.scan_layers
+    )
+
+
+def scanned_layers(config: ParScaleConfig, name: str = "layers") -> nn.Module:
+    """The num_hidden_layers decoder layers as one nn.scan over a stacked layer axis (axis 0 of
+    every parameter and of the cache's keys and values); positions, mask and length are shared."""
+    return nn.scan(
+        remat_layer(config),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=config.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(config, name=name)
 
 
 class ParScaleLM(nn.Module):
@@ -209,7 +273,11 @@ class ParScaleLM(nn.Module):
             embedding_init=nn.initializers.normal(0.02),
             dtype=dtype_of(cfg),
         )
-        self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        if cfg.scan_layers:
+            self.layers = scanned_layers(cfg)
+        else:
+            layer = remat_layer(cfg)
+            self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps)
         if cfg.parscale_n > 1:
             self.aggregate_layer = Aggregator(
@@ -275,14 +343,20 @@ class ParScaleLM(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         positions = replicate_streams(position_ids, p)
         mask = replicate_streams(mask, p)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.length)
-            x, updated = layer(x, positions, mask, layer_cache)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-            if updated is not None:
-                new_keys.append(updated[0])
-                new_values.append(updated[1])
+        length = None if cache is None else cache.length
+        if cfg.scan_layers:
+            kv = None if cache is None else (cache.keys, cache.values)
+            x, updated = self.layers(x, positions, mask, length, kv)
+            new_keys, new_values = (None, None) if updated is None else updated
+        else:
+            new_keys, new_values = [], []
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else (cache.keys[i], cache.values[i])
+                x, updated = layer(x, positions, mask, length, kv)
+                if updated is not None:
+                    new_keys.append(updated[0])
+                    new_values.append(updated[1])
+            new_keys, new_values = tuple(new_keys), tuple(new_values)
         if last_only:
             x = x[:, -1:]
         stream_hidden = self.norm(x)
@@ -304,7 +378,7 @@ class ParScaleLM(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(tuple(new_keys), tuple(new_values), new_valid, cache.length + s)
+            new_cache = KVCache(new_keys, new_values, new_valid, cache.length + s)
         return LMOutput(
             logits=logits.astype(jnp.float32),
             cache=new_cache,
@@ -320,22 +394,80 @@ def prefix_rows(prefix: Array, rows: int) -> Array:
     return jnp.repeat(per_stream, rows // prefix.shape[0], axis=0)
 
 
+def prefix_cache_rows(prefix: Array, rows: int) -> Array:
+    """A (..., P, kvh, n_tokens, hd) prefix as head-major cache rows (..., rows, kvh, n_tokens,
+    hd), stream-major (row p*B + b holds stream p): the stored layout, repeated B times."""
+    axis = prefix.ndim - 4
+    return jnp.repeat(prefix, rows // prefix.shape[axis], axis=axis)
+
+
 def init_cache(
     config: ParScaleConfig, params: dict[str, Any], batch_size: int, max_len: int
 ) -> KVCache:
     """An empty cache for B sequences of up to max_len tokens, the prefixes written in front."""
     rows = config.parscale_n * batch_size
-    shape = (rows, config.n_prefix + max_len, config.num_key_value_heads, config.kv_head_dim)
+    shape = (rows, config.num_key_value_heads, config.n_prefix + max_len, config.kv_head_dim)
     dt = dtype_of(config)
-    keys, values = [], []
-    for i in range(config.num_hidden_layers):
-        k, v = jnp.zeros(shape, dt), jnp.zeros(shape, dt)
-        if config.n_prefix:
-            attn = params[f"layers_{i}"]["self_attn"]
-            k = k.at[:, : config.n_prefix].set(prefix_rows(attn["prefix_k"], rows).astype(dt))
-            v = v.at[:, : config.n_prefix].set(prefix_rows(attn["prefix_v"], rows).astype(dt))
-        keys.append(k)
-        values.append(v)
-    return KVCache(
-        tuple(keys), tuple(values), jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32)
-    )
+
+    def buffer(prefix: Array | None, layers: tuple[int, ...] = ()) -> Array:
+        empty = jnp.zeros((*layers, *shape), dt)
+        if prefix is None:
+            return empty
+        written = prefix_cache_rows(prefix, rows).astype(dt)
+        return jax.lax.dynamic_update_slice(empty, written, (0,) * empty.ndim)
+
+    def prefix(attn: dict[str, Any], name: str) -> Array | None:
+        return attn[name] if config.n_prefix else None
+
+    if config.scan_layers:
+        attn = params["layers"]["self_attn"]
+        layers = (config.num_hidden_layers,)
+        keys, values = (
+            buffer(prefix(attn, "prefix_k"), layers),
+            buffer(prefix(attn, "prefix_v"), layers),
+        )
+    else:
+        attns = [params[f"layers_{i}"]["self_attn"] for i in range(config.num_hidden_layers)]
+        keys = tuple(buffer(prefix(a, "prefix_k")) for a in attns)
+        values = tuple(buffer(prefix(a, "prefix_v")) for a in attns)
+    return KVCache(keys, values, jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# The two parameter layouts of the decoder layers (scan_layers False / True)
+
+SCANNED = "layers"  # the nn.scan-ned stack's name in the params tree (scan_layers=True)
+
+
+def is_scanned(params: Mapping[str, Any]) -> bool:
+    """True when `params` hold the decoder layers stacked (scan_layers=True)."""
+    return SCANNED in params
+
+
+def stack_layer_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """'layers_0', ..., 'layers_{L-1}' -> one 'layers' subtree whose leaves have a leading layer
+    axis (the scan_layers=True layout); already stacked params come back unchanged."""
+    if is_scanned(params):
+        return dict(params)
+    count = sum(1 for name in params if name.startswith("layers_"))
+    per_layer = [params[f"layers_{i}"] for i in range(count)]
+    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    return {**rest, SCANNED: jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
+
+
+def unstack_layer_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `stack_layer_params`: one 'layers_{i}' subtree per layer."""
+    if not is_scanned(params):
+        return dict(params)
+    stacked = params[SCANNED]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != SCANNED}
+    return {
+        **rest,
+        **{f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count)},
+    }
+
+
+def params_for(config: ParScaleConfig, params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` in the layer layout `config.scan_layers` asks for (converted when needed)."""
+    return stack_layer_params(params) if config.scan_layers else unstack_layer_params(params)

@@ -9,12 +9,21 @@ Logical axis names (the trainer's sharding maps them to mesh axes with the confi
 `None` for a dimension means "never sharded"): embed (hidden size H, FSDP), heads / kv_heads
 (query / key-value heads, tensor parallel; the projections' merged heads * head_dim dim),
 head_dim, mlp (intermediate size, tensor parallel), vocab (tensor parallel), streams (P), prefix
-(the prefix tokens), norm (RMSNorm weights).
+(the prefix tokens), norm (RMSNorm weights), layers (the leading axis of the stacked decoder
+layers of `model.scan_layers`; never sharded: each device keeps every layer's slice of a weight).
+
+With scan_layers the layers' parameters sit under 'layers/...' with that extra leading axis;
+`scanned_param_axes` derives their rules from the per-layer ones. Their HF names are those of the
+per-layer layout (`convert` unstacks before it names tensors).
 """
 
 from __future__ import annotations
 
-from core.tree_paths import Module, ParamTable
+from core.tree_paths import LogicalAxes, Module, ParamTable
+
+PER_LAYER = r"layers_(\d+)/"  # the path prefix of one decoder layer's modules (scan_layers=False)
+STACKED = "layers/"  # the nn.scan-ned stack's prefix (scan_layers=True)
+LAYERS_AXIS = "layers"  # logical name of the stacked layer axis
 
 PARAM_TABLE = ParamTable(
     leaf_names={"kernel": "weight", "embedding": "weight"},
@@ -73,3 +82,15 @@ PARAM_TABLE = ParamTable(
         Module("lm_head", "lm_head.{leaf}", {"kernel": ("embed", "vocab")}),
     ),
 )
+
+
+def scanned_param_axes(
+    per_layer: tuple[tuple[str, LogicalAxes], ...],
+) -> tuple[tuple[str, LogicalAxes], ...]:
+    """The rules of the scanned layout: every per-layer rule ('layers_(\\d+)/mlp/...', axes) again
+    as ('layers/mlp/...', ('layers', *axes))."""
+    return tuple(
+        (STACKED + pattern[len(PER_LAYER) :], None if axes is None else (LAYERS_AXIS, *axes))
+        for pattern, axes in per_layer
+        if pattern.startswith(PER_LAYER)
+    )

@@ -350,7 +350,7 @@ def test_rematerialised_ticks_give_the_same_gradients():
             )
             return losses.image_classification_loss(out.predictions, out.certainties, targets)[0]
 
-        return jax.grad(loss)(variables["params"])
+        return jax.jit(jax.grad(loss))(variables["params"])
 
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),

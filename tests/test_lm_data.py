@@ -404,3 +404,23 @@ def test_clear_errors_for_bad_arguments(files_dataset: dict, tmp_path: Path) -> 
         lm(files_dataset, "train", batch_size=2, shard_index=2, shard_count=2)
     with pytest.raises(ValueError, match="needs paths"):
         data.lm_dataset("train", seq_len=8, batch_size=2, corpus="files", data_dir=tmp_path)
+
+
+def test_example_batch_falls_back_to_training_rows(tmp_path: Path) -> None:
+    """A global batch larger than the validation split with evaluation off (the big presets'
+    AOT compile on a small corpus): the example batch, used only for its shapes, comes from the
+    training split instead of failing on an empty dataset."""
+    from configs.parscale_lm import get_config
+    from train_lib.task import make_task
+
+    for i in range(6):
+        (tmp_path / f"doc{i}.txt").write_text(("lorem ipsum dolor sit amet " * 40) + str(i))
+    config = get_config("tiny")
+    config.task.update(
+        corpus="files", paths=(str(tmp_path / "*.txt"),), data_dir=str(tmp_path / "tfds")
+    )
+    config.train.eval_every = 0
+    task = make_task(config)
+    assert len(task.dataset("eval", batch_size=16)) == 0 < len(task.dataset("train", batch_size=16))
+    batch = task.example_batch(16)
+    assert batch["inputs"].shape == (16, config.task.seq_len)

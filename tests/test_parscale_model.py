@@ -1,6 +1,7 @@
 """ParScale LM: reference oracles, cached decoding, sampling, checkpoint files."""
 
 import dataclasses
+import functools
 import json
 import pathlib
 import subprocess
@@ -15,7 +16,7 @@ from core.errors import CheckpointMismatchError, DataError
 from parscale_jax import convert
 from parscale_jax.config import ConfigError, ParScaleConfig
 from parscale_jax.generate import at_parscale_n, filter_logits, generate
-from parscale_jax.model import ParScaleLM
+from parscale_jax.model import ParScaleLM, init_cache, stack_layer_params, unstack_layer_params
 
 REPO = pathlib.Path(__file__).parent.parent
 ORACLES = sorted((REPO / "tests" / "fixtures" / "parscale").glob("oracle_*.npz"))
@@ -262,6 +263,12 @@ def test_dynamic_parallel_scaling_keeps_the_backbone():
         (dict(parscale_attn_smooth=1.0), "parscale_attn_smooth=1.0"),
         (dict(parscale_n=0), "parscale_n=0"),
         (dict(dtype="float16"), "dtype='float16'"),
+        (
+            dict(remat_policy="most"),
+            r"^model\.remat_policy='most' is invalid: allowed: none, full, dots_saveable, "
+            r"dots_with_no_batch_dims_saveable, nothing_saveable$",
+        ),
+        (dict(scan_layers="yes"), r"^model\.scan_layers='yes' is invalid: expected true or"),
     ],
 )
 def test_config_validation(change, message):
@@ -333,3 +340,46 @@ def test_dot_product_attention_computes_what_the_einsums_compute():
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
     with pytest.raises(ConfigError, match=r"model\.attention='flash' is invalid: allowed: "):
         dataclasses.replace(TINY, attention="flash").validate()
+
+
+def test_scanned_layers_compute_what_the_unrolled_layers_compute(tmp_path):
+    """scan_layers=True (one nn.scan-ned layer, stacked params and cache; remat on as well) on
+    the same weights: the same logits (left padding), gradients, greedy tokens through the
+    stacked cache, and the same HF files, which load back into either layout."""
+    scanned = dataclasses.replace(TINY, scan_layers=True, remat_policy="dots_saveable")
+    params = random_params(TINY)
+    stacked = stack_layer_params(params)
+    assert stacked["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 32, 48)
+    shapes = jax.eval_shape(ParScaleLM(scanned).init, jax.random.key(0), jnp.zeros((1, 3), int))
+    assert jax.tree.structure(shapes["params"]) == jax.tree.structure(stacked)
+    ids = jnp.array([[0, 0, 5, 6, 7], [11, 12, 13, 14, 15]])
+    mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+
+    @functools.partial(jax.jit, static_argnums=1)
+    @functools.partial(jax.value_and_grad, has_aux=True)
+    def loss(p, config):
+        logits = ParScaleLM(config).apply({"params": p}, ids, mask).logits
+        return jnp.mean(logits**2), logits
+
+    (_, want), want_grads = loss(params, TINY)
+    (_, got), grads = loss(stacked, scanned)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    grads = unstack_layer_params(grads)
+    assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
+    for w, g in zip(jax.tree.leaves(want_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+    # The shapes of test_cached_decoding_equals_recomputation_without_cache (compiled once).
+    np.testing.assert_array_equal(
+        generate(scanned, stacked, ids, mask, max_new_tokens=6),
+        generate(TINY, params, ids, mask, max_new_tokens=6),
+    )
+    cache = init_cache(scanned, stacked, 2, 9)
+    assert cache.keys.shape == (2, 3 * 2, 2, 5 + 9, 8)  # (layers, P*B, kv heads, slots, hd)
+    # HF files: the per-layer names and bytes, whichever layout is saved; loaded in either.
+    convert.save_checkpoint(tmp_path / "unrolled", TINY, params)
+    convert.save_checkpoint(tmp_path / "scanned", scanned, stacked)
+    a = convert.read_safetensors(tmp_path / "unrolled")
+    b = convert.read_safetensors(tmp_path / "scanned")
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    loaded = convert.params_from_state_dict(scanned, b)
+    jax.tree.map(np.testing.assert_array_equal, loaded, stacked)

@@ -102,6 +102,22 @@ def test_lm_task_trains(stage1: Path) -> None:
     assert all(r["tokens"] > 0 for r in records)  # loss tokens per batch
 
 
+def test_bfloat16_loss_curve_tracks_float32(stage1: Path, data_dir: str, tmp_path: Path) -> None:
+    """model.dtype=bfloat16 (bf16 compute; float32 params and Adam state) on stage1's data, seed
+    and schedule: every logged loss within 0.01 of the float32 run's. Measured on this CPU: the
+    largest gap over steps 5..30 was 9.3e-4 (2.2e-4 relative), while the loss falls by 1.5; 0.01
+    is ten times that gap and still catches a bf16 path that stops learning or diverges."""
+    workdir = tmp_path / "bf16"
+    trainer.train_and_evaluate(make_config(data_dir, dtype="bfloat16"), workdir)
+    f32, bf16 = train_records(stage1), train_records(workdir)
+    assert [r["step"] for r in bf16] == [r["step"] for r in f32]
+    gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(f32, bf16, strict=True)]
+    assert max(gaps) < 0.01, (gaps, f32, bf16)
+    state = load_state_arrays(workdir, 30)
+    stored = {v.dtype for k, v in state.items() if k.split("/")[0] in ("params", "opt_state")}
+    assert {d for d in stored if d.kind not in "biu"} == {np.dtype(np.float32)}, stored
+
+
 def test_progress_line_shows_tokens_per_second() -> None:
     progress = metrics.Progress(10, batch_size=4, start_step=0, tokens_per_example=128)
     line = progress.line(5, {"loss": 1.0}, ("loss",))

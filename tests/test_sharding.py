@@ -138,6 +138,16 @@ def test_every_parscale_param_has_logical_axes(variant):
         assert specs["aggregate_layer/dense_0/kernel"] == P(None, "fsdp")
 
 
+def test_scanned_parscale_layers_have_an_unsharded_layers_axis():
+    model, params = parscale_params(parscale_n=2, scan_layers=True)
+    axes = sharding.param_logical_axes(params, sharding.model_param_axes(model))
+    assert len(axes) == len(jax.tree.leaves(params))
+    assert axes["layers/mlp/gate_proj/kernel"] == ("layers", "embed", "mlp")
+    specs = specs_of(sharding.param_shardings(MESH_222, params, DEFAULT_RULES, model.param_axes))
+    assert specs["layers/mlp/gate_proj/kernel"] == P(None, "fsdp", "tensor")
+    assert specs["layers/self_attn/prefix_v"] == P(None, None, "tensor", None, None)
+
+
 # ------------------------------------------------------------------------------------------------
 # Table and rule errors, fallbacks
 

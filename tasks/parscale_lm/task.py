@@ -45,7 +45,13 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from core.errors import ConfigError
 from core.tree_paths import path_str
 from parscale_jax import config as ps_config
-from parscale_jax.model import LMOutput, ParScaleLM
+from parscale_jax.model import (
+    LMOutput,
+    ParScaleLM,
+    is_scanned,
+    stack_layer_params,
+    unstack_layer_params,
+)
 from tasks.parscale_lm import data
 from train_lib.task import Batch, Metrics, Task
 
@@ -89,7 +95,8 @@ def streams_of(params: Mapping[str, Any]) -> int:
     """P of a ParScaleLM params tree (1 when it has no prefixes)."""
     for path, leaf in flatten_dict(dict(params)).items():
         if path[-1] == "prefix_k":
-            return int(np.shape(leaf)[0])
+            # (P, kv_heads, tokens, head_dim), with a leading layer axis when stacked
+            return int(np.shape(leaf)[-4])
     return 1
 
 
@@ -102,6 +109,8 @@ def merge_pretrained(
     Raises ConfigError (one line, naming `field`=`where`) when the source has another P > 1, or
     when its backbone differs from this model's: missing, unexpected or mis-shaped params.
     """
+    # The source may come in the other layer layout (scan_layers on in one run, off in the other).
+    source = stack_layer_params(source) if is_scanned(params) else unstack_layer_params(source)
     target_p, source_p = streams_of(params), streams_of(source)
     if source_p > 1 and source_p != target_p:
         raise ConfigError(
@@ -291,6 +300,20 @@ class ParScaleLMTask(Task):
                     f"{len(ds)} batches of {batch_size}"
                 )
         return ds
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """A batch of the validation split, or of the training split when the validation split
+        has no full batch of this size (a big global batch on a small corpus with evaluation
+        off): only its shapes and dtypes are used."""
+        ds = self.dataset("eval", batch_size=batch_size)
+        if len(ds) == 0:
+            ds = self.dataset("train", batch_size=batch_size)
+        if len(ds) == 0:
+            raise ConfigError(
+                f"train.batch_size={batch_size} is invalid: task.corpus="
+                f"{self.config.task.corpus!r} has no full batch of {batch_size} sequences"
+            )
+        return dict(ds[0])
 
     # -- model --------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
