@@ -42,6 +42,8 @@ def _median_seconds(fn, steps: int) -> float:
 
 
 def _parity_step(preset: str | None):
+    """The train step of `bench.ctm_step.make_steps`, written out again on purpose: this runs in
+    the baseline's tree, whose bench/ may not have it (or have it with another signature)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
