@@ -31,6 +31,8 @@ STEPS = {"tiny": 20, "reference": 4, "maze": 5}
 
 
 def _median_seconds(fn, steps: int) -> float:
+    """`bench.timing.time_calls`, written out again: the worker imports from the baseline's tree,
+    where bench/timing.py may not exist (09aa3b8 has none)."""
     import jax
 
     times = []
