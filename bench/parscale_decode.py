@@ -1,7 +1,7 @@
 """ParScale inference cost on this machine: prefill, decode latency and memory against P.
 
     python -m bench.parscale_decode [--reps=3] [--prompt_len=128] [--new_tokens=32]
-        [--streams=1,2,4,8] [--batches=1,8] [--json=out.json] [--untied] [--check_generate]
+        [--streams=1,2,4,8] [--batches=1,8] [--json_out=out.json] [--untied] [--check_generate]
 
 For a ~100M-parameter Qwen2-style model (`bench_config`: vocab 32000, hidden 768, 12 layers,
 12 heads, 4 KV heads, SwiGLU 2048, tied embeddings, float32, 48 prefix tokens per stream) with
@@ -111,7 +111,9 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.", lower_bo
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Decode steps per timed rep.", lower_bound=1)
 _STREAMS = flags.DEFINE_list("streams", ["1", "2", "4", "8"], "Values of P, comma-separated.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes, comma-separated.")
-_JSON = flags.DEFINE_string("json", None, "Also write every number to this file.")
+# Not --json: launch.eval / adaptive / generate define a boolean --json, and the suite imports
+# launchers and benches into one process, where absl flag names must be unique.
+_JSON = flags.DEFINE_string("json_out", None, "Also write every number to this file.")
 _UNTIED = flags.DEFINE_bool(
     "untied", False, "A separate LM-head matrix instead of tied embeddings (see the docstring)."
 )

@@ -206,19 +206,15 @@ class CTMConfig:
                 _fail(p, "n_synch_action", self.n_synch_action, "the attention query needs >= 1")
 
         n_out, n_act, d = self.n_synch_out, self.n_synch_action, self.d_model
-        if self.neuron_select_type == "first-last":
-            if n_out + n_act > d:
-                _fail(
-                    p,
-                    "n_synch_out",
-                    n_out,
-                    f"first-last needs n_synch_out + n_synch_action "
-                    f"({n_out}+{n_act}) <= d_model={d}",
-                )
-        else:
-            for name, n in (("n_synch_out", n_out), ("n_synch_action", n_act)):
-                if n > d:
-                    _fail(p, name, n, f"must be <= d_model={d}")
+        if self.neuron_select_type == "first-last" and n_out + n_act > d:
+            _fail(
+                p,
+                "n_synch_out",
+                n_out,
+                f"first-last needs n_synch_out + n_synch_action ({n_out}+{n_act}) <= d_model={d}",
+            )
+        # random / random-pairing draw with replacement: any n works, and the reference's own
+        # runs use n > D (CIFAR-10: 512 action neurons of 256; ImageNet: 8196 out of 4096).
         if self.neuron_select_type == "random-pairing":
             k = self.n_random_pairing_self
             if k < 0:

@@ -5,12 +5,19 @@ packs [W_q; W_k; W_v] in one `in_proj_weight`; images are NCHW in torch, NHWC he
 kernels are OIHW in torch, HWIO in Flax. Every key and shape is checked on import.
 
 Checking a port against reference outputs is `ctm_jax.oracle`; turning a reference `.pt` training
-checkpoint into a training workdir is `python -m launch.import_ctm_checkpoint`.
+checkpoint (or a Hugging Face safetensors export) into a training workdir is
+`python -m launch.import_ctm_checkpoint`, also reachable as
+
+    python -m ctm_jax.convert import-torch --checkpoint FILE.pt --out DIR [--backend numpy]
+
+(the same command under the converter's name; see `_main`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import runpy
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -188,3 +195,28 @@ def reference_input_to_jax(x: np.ndarray, config: CTMConfig) -> np.ndarray:
     if channels_first and config.variant == "ctm" and x.ndim >= 3:
         return np.moveaxis(x, 1, -1)
     return x
+
+
+_USAGE = """usage: python -m ctm_jax.convert import-torch --checkpoint FILE --out DIR [--backend B]
+
+  import-torch  a reference CTM checkpoint (.pt, or a Hugging Face export: a directory with
+                model.safetensors + config.json) -> a training workdir; the flags are those of
+                `python -m launch.import_ctm_checkpoint` (--helpfull lists them)"""
+
+
+def _main(argv: Sequence[str]) -> None:
+    """`import-torch` runs `launch.import_ctm_checkpoint` as the program, with the remaining
+    arguments. Writing a workdir needs a task config and the trainer, which sit above the model
+    packages (docs/architecture.md), so the library code of this module never imports them:
+    only this entry point forwards to the launcher, by module name, at run time."""
+    if len(argv) < 2 or argv[1] != "import-torch":
+        print(_USAGE, file=sys.stderr)
+        got = f"unknown command {argv[1]!r}" if len(argv) > 1 else "no command"
+        print(f"error: {got}; allowed: import-torch", file=sys.stderr)
+        raise SystemExit(2)
+    sys.argv = [f"{argv[0]} import-torch", *argv[2:]]
+    runpy.run_module("launch.import_ctm_checkpoint", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv)

@@ -71,7 +71,9 @@ def sort_loss(predictions: Array, targets: Array) -> Array:
     """CTC over the ticks with blank = last class; torch's 'mean' reduction (each sequence's
     negative log-likelihood divided by its target length, then averaged over the batch).
 
-    predictions (B, N+1, T), targets (B, N) int.
+    predictions (B, N+1, T), targets (B, N) int. With fewer ticks than the targets need (T < N
+    plus the repeats) no alignment exists: optax then returns a large finite value (its
+    log-epsilon, 1e5 / N) where torch gives inf, so callers check T up front (tasks.ctm_sort).
     """
     logits = jnp.moveaxis(predictions, 1, 2)  # (B, T, C)
     b, t, c = logits.shape

@@ -1,20 +1,28 @@
-"""The parts of a reference CTM `.pt` training checkpoint: state dict, saved args, iteration.
+"""The parts of a reference CTM checkpoint: state dict, saved args, iteration.
 
 The reference saves `{'model_state_dict', 'args' (its argparse.Namespace), 'iteration', ...}`;
-`ctm_jax.torch_checkpoint` reads the file (with or without torch). This module turns the loaded
-dict into the state dict and the CTM constructor kwargs, recognises the task it was trained on,
-and checks the args against the weights' shapes, naming every field they contradict. Turning it
-into a training workdir is `python -m launch.import_ctm_checkpoint`.
+`ctm_jax.torch_checkpoint` reads the file (with or without torch). Its Hugging Face exports are a
+directory with `model.safetensors` (the state dict) and `config.json` (the constructor kwargs),
+which `load_reference_checkpoint` turns into the same dict, the task told from the output shape.
+This module turns the loaded dict into the state dict and the CTM constructor kwargs, recognises
+the task it was trained on (maze, parity, image classification), and checks the args against the
+weights' shapes, naming every field they contradict. Turning it into a training workdir is
+`python -m launch.import_ctm_checkpoint`.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from core.errors import DataError
+from ctm_jax.backbones import RESNET_LAYOUTS, parse_resnet
+from ctm_jax.torch_checkpoint import load_safetensors, load_torch_checkpoint
 
 # Keys every reference CTM state dict has (prefix '*' = at least one key under it).
 _CTM_MARKERS = ("start_activated_state", "start_trace", "synapses.*", "trace_processor.*")
@@ -39,6 +47,18 @@ _MODEL_ARGS = (
     "neuron_select_type",
     "n_random_pairing_self",
 )
+
+
+# The reference image-classification `--dataset` names -> (tfds name, classes).
+IMAGE_DATASETS: dict[str, tuple[str, int]] = {
+    "imagenet": ("imagenet2012", 1000),
+    "cifar10": ("cifar10", 10),
+    "cifar100": ("cifar100", 100),
+}
+# torchvision block keys: backbone.layer<hyper-block>.<block>.<module>...
+_RESNET_BLOCK = re.compile(r"^backbone\.layer(\d+)\.(\d+)\.([^.]+)\.")
+# A Hugging Face export's files (huggingface_hub's PyTorchModelHubMixin layout).
+HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
 
 
 def _fail(path: Any, reason: str) -> DataError:
@@ -100,7 +120,7 @@ def ctm_checkpoint_parts(
 
 
 def reference_task(args: Mapping[str, Any], path: Any = "<checkpoint>") -> str:
-    """'maze' or 'parity' from the saved args; other tasks are refused by name."""
+    """'maze', 'parity' or 'image' from the saved args; other tasks are refused by name."""
     model = args.get("model", args.get("model_type", "ctm"))
     if model != "ctm":
         raise _fail(path, f"args.model={model!r}: only CTM checkpoints can be imported")
@@ -109,6 +129,8 @@ def reference_task(args: Mapping[str, Any], path: Any = "<checkpoint>") -> str:
         return "maze"
     if "parity_sequence_length" in args or dataset == "parity":
         return "parity"
+    if dataset in IMAGE_DATASETS:
+        return "image"
     if any(str(k).startswith("q_num") for k in args):
         task = "qamnist"
     elif "env_id" in args:
@@ -119,8 +141,25 @@ def reference_task(args: Mapping[str, Any], path: Any = "<checkpoint>") -> str:
         task = "unknown"
     raise _fail(
         path,
-        f"task {task!r} is not supported: only maze and parity CTM checkpoints can be imported",
+        f"task {task!r} is not supported: only maze, parity and image classification "
+        f"({', '.join(IMAGE_DATASETS)}) CTM checkpoints can be imported",
     )
+
+
+def image_dataset(args: Mapping[str, Any], path: Any = "<checkpoint>") -> tuple[str, int, int]:
+    """(tfds name, classes, out_dims) of an image-classification checkpoint's saved args.
+
+    The reference sets `args.out_dims` to the dataset's class count before saving; older args
+    without it mean that count."""
+    name, classes = IMAGE_DATASETS[str(args["dataset"])]
+    out_dims = args.get("out_dims", classes)
+    if out_dims != classes:
+        raise _fail(
+            path,
+            f"args.out_dims={out_dims!r} does not fit args.dataset={args['dataset']!r} "
+            f"({classes} classes)",
+        )
+    return name, classes, int(out_dims)
 
 
 def reference_model_kwargs(args: Mapping[str, Any], path: Any = "<checkpoint>") -> dict[str, Any]:
@@ -139,6 +178,39 @@ def _dense_or_paired(select: str, size: int) -> int | None:
         return size
     n = int((np.sqrt(8 * size + 1) - 1) / 2)
     return n if n * (n + 1) // 2 == size else None
+
+
+def resnet_candidates(state_dict: Mapping[str, np.ndarray]) -> tuple[list[str], str] | None:
+    """The ResNet backbone names whose weights have the state dict's `backbone.layer*` layout
+    (several when truncation hides the difference, e.g. resnet50-2 / resnet101-2), and that
+    layout in words; None when the state dict holds no ResNet trunk."""
+    blocks: dict[int, set[int]] = {}
+    bottleneck = False
+    for key in state_dict:
+        match = _RESNET_BLOCK.match(key)
+        if match:
+            blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+            bottleneck |= match.group(3) == "conv3"
+    if not blocks:
+        return None
+    counts = tuple(len(blocks.get(layer, ())) for layer in range(1, max(blocks) + 1))
+    kind = "bottleneck" if bottleneck else "basic"
+    names = [
+        f"resnet{depth}-{len(counts)}"
+        for depth, (block, layout) in RESNET_LAYOUTS.items()
+        if block == kind and layout[: len(counts)] == counts
+    ]
+    return names, f"{kind} blocks {counts}"
+
+
+def _self_pairs(state_dict: Mapping[str, np.ndarray], which: str) -> int | None:
+    """How many leading index pairs of a random-pairing synchronisation are self pairs (i, i)."""
+    left = state_dict.get(f"{which}_neuron_indices_left")
+    right = state_dict.get(f"{which}_neuron_indices_right")
+    if left is None or right is None or np.shape(left) != np.shape(right) or np.ndim(left) != 1:
+        return None
+    differ = np.flatnonzero(np.asarray(left) != np.asarray(right))
+    return int(differ[0]) if differ.size else int(np.size(left))
 
 
 def check_args_fit_state_dict(
@@ -184,6 +256,28 @@ def check_args_fit_state_dict(
                 "trace_processor.0.0.w1",
             )
         )
+    backbone = str(kwargs["backbone_type"])
+    resnets = resnet_candidates(state_dict)
+    if resnets is not None and backbone not in resnets[0]:
+        expected = " or ".join(resnets[0]) if resnets[0] else "no known ResNet"
+        checks.append(("backbone_type", backbone, expected, f"backbone.layer* ({resnets[1]})"))
+    elif resnets is None and parse_resnet(backbone) is not None:
+        checks.append(("backbone_type", backbone, "no ResNet", "backbone.layer* (none)"))
+    if select == "random-pairing" and int(kwargs.get("n_random_pairing_self") or 0) > 0:
+        # The reference copies the first k left indices into the right ones, so at least k
+        # leading pairs are self pairs (more only by chance).
+        for which in ("out", "action"):
+            pairs = _self_pairs(state_dict, which)
+            if pairs is not None and pairs < int(kwargs["n_random_pairing_self"]):
+                checks.append(
+                    (
+                        "n_random_pairing_self",
+                        kwargs["n_random_pairing_self"],
+                        f"<= {pairs}",
+                        f"{which}_neuron_indices_left/right",
+                    )
+                )
+                break
     if (s := shape("output_projector.0.weight")) and len(s) == 2:
         for field, (value, per) in task_fields.items():
             checks.append(
@@ -194,10 +288,74 @@ def check_args_fit_state_dict(
                     "output_projector.0.weight",
                 )
             )
+    evidence = lambda key: f"{key} {shape(key)}" if shape(key) else key
     bad = [
-        f"args.{field}: expected {expected} (from {key} {shape(key) or ''}), received {received!r}"
+        f"args.{field}: expected {expected} (from {evidence(key)}), received {received!r}"
         for field, received, expected, key in checks
         if expected is None or received != expected
     ]
     if bad:
         raise _fail(path, "args do not fit the state dict: " + "; ".join(bad))
+
+
+def args_from_hf_config(config: Mapping[str, Any], path: Any = "<checkpoint>") -> dict[str, Any]:
+    """Saved-args stand-in for a Hugging Face export's `config.json` (the constructor kwargs).
+
+    The export names no task, so it is told from the outputs: a (route, 5) reshaper is a maze,
+    a parity backbone with (length, 2) is parity, and 1000 / 10 / 100 classes of an image
+    backbone are ImageNet / CIFAR-10 / CIFAR-100.
+    """
+    args = dict(config)
+    reshaper = list(args.get("prediction_reshaper") or [-1])
+    out_dims = args.get("out_dims")
+    backbone = str(args.get("backbone_type", ""))
+    if len(reshaper) == 2 and reshaper[1] == 5 and "dataset" not in args:
+        args["maze_route_length"] = int(reshaper[0])
+    elif backbone == "parity_backbone" and len(reshaper) == 2 and reshaper[1] == 2:
+        args["parity_sequence_length"] = int(reshaper[0])
+    elif "dataset" not in args:
+        by_classes = {classes: name for name, (_, classes) in IMAGE_DATASETS.items()}
+        if out_dims not in by_classes or backbone in ("none", "parity_backbone"):
+            raise _fail(
+                path,
+                f"cannot tell the task from {HF_CONFIG} (out_dims={out_dims!r}, "
+                f"prediction_reshaper={reshaper}, backbone_type={backbone!r}): expected a maze "
+                "(route, 5) reshaper, a parity backbone, or 1000 / 10 / 100 image classes",
+            )
+        args["dataset"] = by_classes[out_dims]
+    return args
+
+
+def _hf_files(path: Path) -> tuple[Path, Path] | None:
+    """(weights, config) of a Hugging Face export given as its directory or its weights file."""
+    if path.is_dir():
+        return path / HF_WEIGHTS, path / HF_CONFIG
+    if path.suffix == ".safetensors":
+        return path, path.with_name(HF_CONFIG)
+    return None
+
+
+def load_reference_checkpoint(path: str | Path, backend: str = "auto") -> dict[str, Any]:
+    """A reference checkpoint as `{'model_state_dict', 'args', ...}`, from a `.pt` file
+    (`ctm_jax.torch_checkpoint.load_torch_checkpoint`, `backend` as there) or a Hugging Face
+    export (a directory holding model.safetensors + config.json, or the .safetensors file with
+    config.json beside it; no torch needed). Raises DataError."""
+    path = Path(path)
+    files = _hf_files(path)
+    if files is None:
+        return load_torch_checkpoint(path, backend)
+    weights, config_path = files
+    for file in files:
+        if not file.is_file():
+            raise _fail(
+                path,
+                f"no {file.name} in {file.parent}: a Hugging Face export needs "
+                f"{HF_WEIGHTS} and {HF_CONFIG}",
+            )
+    try:
+        config = json.loads(config_path.read_text())
+        assert isinstance(config, dict), f"expected a JSON object, got {type(config).__name__}"
+    except (UnicodeDecodeError, json.JSONDecodeError, AssertionError) as e:
+        raise _fail(config_path, f"not a model config ({e})") from None
+    state_dict = load_safetensors(weights)
+    return {"model_state_dict": state_dict, "args": args_from_hf_config(config, config_path)}

@@ -15,6 +15,10 @@ Two readers give the same result:
 
 Tensors come back as numpy arrays (copies), `argparse.Namespace` as a dict, OrderedDicts as dicts.
 Every failure is a `DataError` whose one-line message names the file and the reason.
+
+`load_safetensors(path)` reads a Hugging Face `model.safetensors` export (a JSON header of
+name -> dtype, shape, byte range, then the raw little-endian bytes) the same way: numpy arrays,
+bfloat16 as float32, one-line `DataError`s. It needs no torch and runs no code from the file.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import _compat_pickle
 import argparse
 import collections
 import io
+import json
+import math
 import pickle
 import re
 import zipfile
@@ -349,3 +355,61 @@ def load_torch_checkpoint(path: str | Path, backend: str = "auto") -> dict[str, 
     if not isinstance(loaded, dict):
         raise DataError(f"{path}: the file holds a {type(loaded).__name__}, not a checkpoint dict")
     return loaded
+
+
+# safetensors dtype name -> numpy dtype ('BF16' is read as uint16 bits, then widened).
+_SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """name -> numpy array (a copy) of a `.safetensors` file; `__metadata__` is skipped.
+
+    Every entry's dtype, shape and byte range are checked against the file before it is read.
+    Raises DataError.
+    """
+    path = Path(path)
+    fail = lambda reason: DataError(f"{path}: {reason}")
+    if not path.is_file():
+        raise fail("no such file")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise fail("not a safetensors file (shorter than its 8-byte header length)")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise fail(f"not a safetensors file (header length {size} exceeds the file)")
+    try:
+        header = json.loads(data[8 : 8 + size])
+        assert isinstance(header, dict), "the header is not a JSON object"
+    except (UnicodeDecodeError, json.JSONDecodeError, AssertionError) as e:
+        raise fail(f"not a safetensors file (unreadable header: {e})") from None
+    body = memoryview(data)[8 + size :]
+    out: dict[str, np.ndarray] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+            shape = tuple(int(n) for n in entry["shape"])
+            start, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise fail(f"tensor {name!r} has a malformed header entry ({e!r})") from None
+        need = math.prod(shape) * dtype.itemsize
+        if min((*shape, start, 0)) < 0 or end - start != need or end > len(body):
+            raise fail(
+                f"tensor {name!r} ({entry['dtype']} {list(shape)}) needs {need} bytes but its "
+                f"byte range is [{start}, {end}) of {len(body)}"
+            )
+        value = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).copy()
+        out[name] = _bfloat16_to_float32(value) if entry["dtype"] == "BF16" else value
+    return out

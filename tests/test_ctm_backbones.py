@@ -340,14 +340,16 @@ def test_config_accepts_backbones_and_checks_image_inputs():
 # Parameter counts of torchvision's resnet{18,50,152} (11,689,512 / 25,557,032 / 60,192,808)
 # without fc (512*1000+1000 / 2048*1000+1000) and with the 7x7 stem replaced by 3x3 (64*3*49 ->
 # 64*3*9); the 1-hyper-block ResNet-18 count is stem (1728 + 128) + 2 blocks of 2x(3x3 64->64 +
-# BN 128).
+# BN 128). The reference's ResNet-152 has 4 layer-2 blocks where torchvision's has 8: its count is
+# torchvision's minus 4 bottlenecks of width 128 (convs 512*128 + 128*128*9 + 128*512, BN scales
+# and biases 2*(128 + 128 + 512)) = 58,136,128 - 1,120,256 = 57.0 M, the reference's trunk.
 @pytest.mark.parametrize(
     ("depth", "k", "count"),
     [
         (18, 1, 1856 + 2 * 2 * (64 * 64 * 9 + 128)),
         (18, 4, 11_168_832),
         (50, 4, 23_500_352),
-        (152, 4, 58_136_128),
+        (152, 4, 58_136_128 - 4 * (512 * 128 + 128 * 128 * 9 + 128 * 512 + 1536)),
     ],
 )
 def test_parameter_counts_match_torchvision(depth, k, count):

@@ -256,7 +256,6 @@ def test_unet_widths_truncate_like_the_reference():
     "change, field, hint",
     [
         (dict(heads=3), "model.heads=3", "must divide d_input=8"),
-        (dict(n_synch_out=40), "model.n_synch_out=40", "d_model=32"),
         (
             dict(neuron_select_type="first-last", n_synch_out=20, n_synch_action=20),
             "model.n_synch_out=20",

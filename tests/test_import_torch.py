@@ -405,8 +405,12 @@ def test_missing_args_and_other_tasks_are_refused(tmp_path):
     ckpt = _maze_checkpoint()
     for key in ("maze_route_length", "cirriculum_lookahead"):
         del ckpt["args"][key]
-    ckpt["args"]["dataset"] = "cifar10"
-    with pytest.raises(DataError, match=r"task 'cifar10' is not supported"):
+    ckpt["args"]["dataset"] = "cifar10"  # an image task, but 250 outputs are not 10 classes
+    with pytest.raises(DataError, match=r"args.out_dims=250 does not fit args.dataset='cifar10'"):
+        import_ctm_checkpoint.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
+    del ckpt["args"]["dataset"]
+    ckpt["args"]["q_num_images"] = 3
+    with pytest.raises(DataError, match=r"task 'qamnist' is not supported: only maze, parity"):
         import_ctm_checkpoint.import_checkpoint_dict(ckpt, tmp_path / "o", "maze.pt")
 
 

@@ -122,6 +122,40 @@ class Task(abc.ABC):
             )
         return None
 
+    # -- custom steps -------------------------------------------------------------------------
+    def make_train_step(
+        self,
+        model: nn.Module,
+        tx: Any,
+        schedule: Callable[[Any], Any],
+        microbatches: int = 1,
+    ) -> Callable[[Any, Batch], tuple[Any, Metrics]] | None:
+        """A task-specific train step `(TrainState, batch) -> (TrainState, scalar metrics)`, or
+        None (the default: the trainer's supervised step, `train_lib.trainer.make_train_step`).
+
+        For tasks whose update is not one gradient step on a dataset batch (PPO: a rollout of
+        the environments, then epochs of minibatch updates). The step must advance
+        `state.step` by one, keep the state's structure (collections in `state.buffers` carry
+        anything that must survive a resume, e.g. environment states) and return float scalars.
+        """
+        return None
+
+    def eval_buffers(
+        self,
+        model: nn.Module,
+        params: Any,
+        buffers: Any,
+        train_batch: Callable[[int], Batch],
+    ) -> Any:
+        """The non-param collections an evaluation uses; by default the train state's own.
+
+        Called by the trainer before every evaluation, outside the jitted eval step, with
+        `train_batch(i)`: batch i of a fixed slice of the training stream, already placed on the
+        devices. Image classification overrides it to re-estimate BatchNorm statistics on
+        training batches, as the reference does. The train state itself is not changed.
+        """
+        return buffers
+
     # -- objective ----------------------------------------------------------------------------
     @abc.abstractmethod
     def loss_and_metrics(self, outputs: Any, batch: Batch) -> tuple[jax.Array, Metrics]:

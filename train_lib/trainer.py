@@ -745,14 +745,12 @@ def jit_train_step(exp: Experiment) -> Any:
     """The jitted (not yet lowered) train step with the experiment's shardings, state donated.
 
     The training loop and `launch.compile` (AOT for a TPU topology) both lower this one."""
+    microbatches = int(exp.config.train.get("microbatches", 1))
+    step = exp.task.make_train_step(exp.model, exp.tx, exp.schedule, microbatches)
+    if step is None:
+        step = make_train_step(exp.task, exp.model, exp.tx, exp.schedule, microbatches)
     return jax.jit(
-        make_train_step(
-            exp.task,
-            exp.model,
-            exp.tx,
-            exp.schedule,
-            microbatches=int(exp.config.train.get("microbatches", 1)),
-        ),
+        step,
         in_shardings=(exp.state_shardings, exp.batch_sharding),
         out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
         donate_argnums=0,
@@ -832,10 +830,16 @@ def _train_loop(
     interval = metrics.MeanAccumulator()
     last_eval: dict[str, float] = {}
 
+    # Batch i of the training stream's first batches (a fixed slice, read again at every eval):
+    # what a task's `eval_buffers` may use, e.g. to re-estimate BatchNorm statistics.
+    train_slice = exp.dataset("train")
+    train_batch = lambda i: put(train_slice[i])
+
     def evaluate(state: TrainState, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         with jax.set_mesh(exp.mesh):
-            outs = [eval_step(state.params, state.buffers, b) for b in eval_batches]
+            buffers = exp.task.eval_buffers(exp.model, state.params, state.buffers, train_batch)
+            outs = [eval_step(state.params, buffers, b) for b in eval_batches]
         values = [_fetch(o) for o in outs]
         means = {k: sum(v[k] for v in values) / len(values) for k in values[0]}
         _raise_if_non_finite(means, step, "eval", ckpt)

@@ -13,7 +13,12 @@ The first form (torch environment) writes into --out:
                  neuron_select_type / n_random_pairing_self: the importer must patch them);
   linear.pt      a bare state dict of torch.nn.Linear(4, 3): a torch file that is not a CTM;
   tensor_zoo.pt  tensors of every supported dtype, views with offsets and strides, shared
-                 storages, a Parameter, numpy values and a Namespace (tests rebuild the values).
+                 storages, a Parameter, numpy values and a Namespace (tests rebuild the values);
+  imagenet.pt    the layout of the released ImageNet checkpoint (ctm_imagenet_D=4096_T=50_M=25.pt:
+                 the distributed image-classification training script's dict with AMP scaler
+                 state and its full argparse Namespace, dataset 'imagenet', out_dims 1000) at
+                 tiny sizes (resnet18-1, D 32): `imagenet_state_dict`, written from the reference
+                 key layout below independently of ctm_jax's parameter table.
 The second form (main environment, with jax) regenerates maze_source.npz: the state dict of a
 small randomly initialised maze CTM, exported with ctm_jax.convert.export_state_dict, plus the
 reference training args as JSON.
@@ -119,6 +124,222 @@ PARITY_ARGS = dict(
     use_most_certain=True,
 )
 PARITY_ITERATION = 1500
+
+# The distributed image-classification training script's arguments, with the released ImageNet
+# run's values where they do not set a size (dataset, selection, dropouts, optimiser, AMP) and
+# tiny sizes otherwise (the release: D 4096, d_input 1024, 16 heads, T 50, M 25, H 64, synapse
+# depth 8, 8196 / 2048 synchronised neurons, 32 self pairs, resnet152-4).
+IMAGENET_ARGS = dict(
+    model="ctm",
+    d_model=32,
+    dropout=0.2,
+    backbone_type="resnet18-1",
+    d_input=16,
+    heads=2,
+    iterations=3,
+    positional_embedding_type="none",
+    synapse_depth=3,
+    n_synch_out=12,
+    n_synch_action=8,
+    neuron_select_type="random-pairing",
+    n_random_pairing_self=2,
+    memory_length=4,
+    deep_memory=True,
+    memory_hidden_dims=2,
+    dropout_nlm=0.0,
+    do_normalisation=False,
+    num_layers=2,
+    batch_size=64,
+    batch_size_test=64,
+    lr=5e-4,
+    training_iterations=500001,
+    warmup_steps=10000,
+    use_scheduler=True,
+    scheduler_type="cosine",
+    milestones=[8000, 15000, 20000],
+    gamma=0.1,
+    weight_decay=0.0,
+    weight_decay_exclusion_list=[],
+    gradient_clipping=20.0,
+    num_workers_train=8,
+    use_custom_sampler=False,
+    do_compile=False,
+    log_dir="logs/imagenet",
+    dataset="imagenet",
+    data_root="data/",
+    save_every=1000,
+    seed=412,
+    reload=True,
+    reload_model_only=False,
+    strict_reload=True,
+    ignore_metrics_when_reloading=False,
+    track_every=1000,
+    n_test_batches=20,
+    plot_indices=[0],
+    use_amp=True,
+    out_dims=1000,
+)
+IMAGENET_ITERATION = 2000
+# ResNet depth -> (bottleneck?, blocks per hyper-block), torchvision's table.
+_RESNETS = {
+    18: (False, (2, 2, 2, 2)),
+    34: (False, (3, 4, 6, 3)),
+    50: (True, (3, 4, 6, 3)),
+    101: (True, (3, 4, 23, 3)),
+    152: (True, (3, 4, 36, 3)),  # the reference's layer-2 depth, not torchvision's 8
+}
+
+
+def _batchnorm(prefix: str, width: int) -> dict[str, tuple]:
+    return {
+        f"{prefix}.weight": (width,),
+        f"{prefix}.bias": (width,),
+        f"{prefix}.running_mean": (width,),
+        f"{prefix}.running_var": (width,),
+        f"{prefix}.num_batches_tracked": (),
+    }
+
+
+def _resnet_layout(backbone_type: str) -> tuple[dict[str, tuple], int]:
+    """(key -> shape of the reference's truncated torchvision ResNet, output channels)."""
+    name, k = backbone_type.split("-")
+    bottleneck, blocks = _RESNETS[int(name.removeprefix("resnet"))]
+    expansion = 4 if bottleneck else 1
+    shapes = {"backbone.conv1.weight": (64, 3, 3, 3), **_batchnorm("backbone.bn1", 64)}
+    channels = 64
+    for layer in range(int(k)):
+        width = 64 * 2**layer
+        for block in range(blocks[layer]):
+            p = f"backbone.layer{layer + 1}.{block}"
+            if bottleneck:
+                convs = [(width, channels, 1), (width, width, 3), (width * 4, width, 1)]
+            else:
+                convs = [(width, channels, 3), (width, width, 3)]
+            for i, (out, inp, size) in enumerate(convs, start=1):
+                shapes[f"{p}.conv{i}.weight"] = (out, inp, size, size)
+                shapes.update(_batchnorm(f"{p}.bn{i}", out))
+            if block == 0 and (layer > 0 or channels != width * expansion):
+                shapes[f"{p}.downsample.0.weight"] = (width * expansion, channels, 1, 1)
+                shapes.update(_batchnorm(f"{p}.downsample.1", width * expansion))
+            channels = width * expansion
+    return shapes, channels
+
+
+def imagenet_layout(args: dict) -> dict[str, tuple]:
+    """Key -> shape of the reference ImageNet CTM's state dict (ResNet trunk, U-Net synapses,
+    deep NLMs, random-pairing synchronisation), written from the reference's module layout."""
+    d, dm, m, h = (
+        args["d_input"],
+        args["d_model"],
+        args["memory_length"],
+        args["memory_hidden_dims"],
+    )
+    n_out, n_act = args["n_synch_out"], args["n_synch_action"]  # random-pairing: one per neuron
+    widths = [int(w) for w in np.linspace(dm, 16, args["synapse_depth"])]
+    shapes, channels = _resnet_layout(args["backbone_type"])
+    shapes.update(
+        {
+            "initial_rgb.weight": (3, 3, 1, 1),
+            "initial_rgb.bias": (3,),
+            "kv_proj.0.weight": (d, channels),
+            "kv_proj.0.bias": (d,),
+            "kv_proj.1.weight": (d,),
+            "kv_proj.1.bias": (d,),
+            "q_proj.weight": (d, n_act),
+            "q_proj.bias": (d,),
+            "attention.in_proj_weight": (3 * d, d),
+            "attention.in_proj_bias": (3 * d,),
+            "attention.out_proj.weight": (d, d),
+            "attention.out_proj.bias": (d,),
+            "synapses.first_projection.0.weight": (widths[0], d + dm),
+            "synapses.first_projection.0.bias": (widths[0],),
+            "synapses.first_projection.1.weight": (widths[0],),
+            "synapses.first_projection.1.bias": (widths[0],),
+            "trace_processor.0.0.w1": (m, 2 * h, dm),
+            "trace_processor.0.0.b1": (1, dm, 2 * h),
+            "trace_processor.0.0.T": (1,),
+            "trace_processor.0.2.w1": (h, 2, dm),
+            "trace_processor.0.2.b1": (1, dm, 2),
+            "trace_processor.0.2.T": (1,),
+            "start_activated_state": (dm,),
+            "start_trace": (dm, m),
+            "decay_params_out": (n_out,),
+            "decay_params_action": (n_act,),
+            "out_neuron_indices_left": (n_out,),
+            "out_neuron_indices_right": (n_out,),
+            "action_neuron_indices_left": (n_act,),
+            "action_neuron_indices_right": (n_act,),
+            "output_projector.0.weight": (args["out_dims"], n_out),
+            "output_projector.0.bias": (args["out_dims"],),
+        }
+    )
+    for i in range(len(widths) - 1):
+        wide, narrow = widths[i], widths[i + 1]
+        shapes.update(
+            {
+                f"synapses.down_projections.{i}.1.weight": (narrow, wide),
+                f"synapses.down_projections.{i}.1.bias": (narrow,),
+                f"synapses.down_projections.{i}.2.weight": (narrow,),
+                f"synapses.down_projections.{i}.2.bias": (narrow,),
+                f"synapses.up_projections.{i}.1.weight": (wide, narrow),
+                f"synapses.up_projections.{i}.1.bias": (wide,),
+                f"synapses.up_projections.{i}.2.weight": (wide,),
+                f"synapses.up_projections.{i}.2.bias": (wide,),
+                f"synapses.skip_lns.{i}.weight": (wide,),
+                f"synapses.skip_lns.{i}.bias": (wide,),
+            }
+        )
+    return shapes
+
+
+def imagenet_state_dict(args: dict = IMAGENET_ARGS, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random values in the layout of `imagenet_layout(args)` that make a well-behaved model:
+    weights U(+-1/sqrt(fan_in)), norms near 1, positive BatchNorm variances, NLM temperatures 1,
+    decays in [0, 3], index buffers in [0, D) whose first n_random_pairing_self pairs are self
+    pairs (as the reference draws them)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for key, shape in imagenet_layout(args).items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "num_batches_tracked":
+            out[key] = np.array(IMAGENET_ITERATION, np.int64)
+        elif "indices" in key:
+            out[key] = rng.integers(0, args["d_model"], shape).astype(np.int64)
+        elif leaf == "T":
+            out[key] = np.ones(shape, np.float32)
+        elif key.startswith("decay_params"):
+            out[key] = rng.uniform(0, 3, shape).astype(np.float32)
+        elif leaf in ("running_var",) or (leaf == "weight" and len(shape) == 1):
+            out[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+            bound = 1 / np.sqrt(max(fan_in, 1))
+            out[key] = rng.uniform(-bound, bound, shape).astype(np.float32)
+    k = args["n_random_pairing_self"]
+    for which in ("out", "action"):
+        out[f"{which}_neuron_indices_right"][:k] = out[f"{which}_neuron_indices_left"][:k]
+    return out
+
+
+def imagenet_checkpoint(state_dict: dict, args: dict = IMAGENET_ARGS) -> dict:
+    """The distributed training script's checkpoint dict around `state_dict` (values as given:
+    numpy arrays for the torch-free writer, tensors for torch.save); `args` stays a dict here
+    (the caller wraps it in argparse.Namespace)."""
+    return {
+        "model_state_dict": state_dict,
+        "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-4, "params": []}]},
+        "scheduler_state_dict": {"last_epoch": IMAGENET_ITERATION, "base_lrs": [args["lr"]]},
+        "scaler_state_dict": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 17},
+        "iteration": IMAGENET_ITERATION,
+        "train_losses": [np.float64(6.9), np.float64(5.1)],
+        "test_losses": [np.float64(6.2)],
+        "iters": [0, 1000],
+        "args": args,
+        "train_accuracies": [],
+        "test_accuracies": [],
+        "train_accuracies_most_certain": [np.float64(0.01)],
+        "test_accuracies_most_certain": [np.float64(0.02)],
+    }
 
 
 def export_maze_source() -> None:
@@ -263,6 +484,16 @@ def write_all(out: Path) -> None:
         },
         tmp / "tensor_zoo.pt",
     )
+
+    # imagenet.pt: the released ImageNet checkpoint's layout at tiny sizes.
+    imagenet = imagenet_checkpoint(
+        {k: torch.from_numpy(v) for k, v in imagenet_state_dict().items()}
+    )
+    imagenet["args"] = argparse.Namespace(**imagenet["args"])
+    imagenet["torch_rng_state"] = torch.get_rng_state()
+    imagenet["numpy_rng_state"] = np.random.get_state()
+    imagenet["random_rng_state"] = random.getstate()
+    torch.save(imagenet, tmp / "imagenet.pt")
 
     if out.exists():
         shutil.rmtree(out)

@@ -1,0 +1,1 @@
+"""Task package; see tasks/__init__.py for its parts."""
