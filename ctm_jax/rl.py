@@ -39,7 +39,12 @@ from ctm_jax.modules import Linear, NeuronLevelModels, SynapseUNet, glu, layer_n
 Array = jax.Array
 RLState = dict[str, Array]
 
-RL_BACKBONES = ("classic-control-backbone",)
+RL_BACKBONES = ("classic-control-backbone", "navigation-backbone")
+# The navigation backbone's vocabulary: MiniGrid's 11 object types, 6 colours, 3 states, and
+# the 7 x 7 cells of the egocentric view; each gets an embedding of this width.
+MINIGRID_VOCAB = {"object": 11, "colour": 6, "state": 3}
+MINIGRID_VIEW_CELLS = 7 * 7
+NAVIGATION_EMBED_WIDTH = 8
 RL_NEURON_SELECT_TYPES = ("first-last",)
 RL_DECAY_MIN, RL_DECAY_MAX = 0.0, 4.0
 
@@ -85,11 +90,7 @@ class CTMRLConfig:
         if self.deep_nlms and self.memory_hidden_dims < 1:
             fail("memory_hidden_dims", "deep neuron-level models need >= 1")
         if self.backbone_type not in RL_BACKBONES:
-            fail(
-                "backbone_type",
-                f"allowed: {', '.join(RL_BACKBONES)} (the MiniGrid navigation backbone is not "
-                "implemented)",
-            )
+            fail("backbone_type", f"allowed: {', '.join(RL_BACKBONES)}")
         if self.neuron_select_type not in RL_NEURON_SELECT_TYPES:
             fail("neuron_select_type", "the RL CTM supports only 'first-last'")
         if self.n_synch_out > self.d_model:
@@ -166,6 +167,41 @@ class ClassicControlBackbone(nn.Module):
         return GLUBlocks(self.d_input, name="input_projector")(obs.reshape(obs.shape[0], -1))
 
 
+class NavigationBackbone(nn.Module):
+    """MiniGrid's symbolic view (B, 7, 7, 3) ints -> (B, d_input).
+
+    Every cell's object type, colour and state, and the cell's place in the view, are looked up
+    in four learned tables of width 8 (torch's N(0, 1) init); the four vectors are concatenated
+    per cell, all 49 cells are flattened, and 2 x (Linear -> GLU -> LayerNorm) map them to
+    d_input. The reference describes its navigation backbone only as these four embeddings of
+    width 8 followed by GLU + LayerNorm blocks; concatenating them is this project's reading."""
+
+    d_input: int
+
+    @nn.compact
+    def __call__(self, obs: Array) -> Array:
+        batch = obs.shape[0]
+        cells = obs.reshape(batch, MINIGRID_VIEW_CELLS, 3).astype(jnp.int32)
+        embed = lambda size, name: nn.Embed(
+            size, NAVIGATION_EMBED_WIDTH, embedding_init=nn.initializers.normal(1.0), name=name
+        )
+        parts = [
+            embed(size, f"{field}_embedding")(cells[..., channel])
+            for channel, (field, size) in enumerate(MINIGRID_VOCAB.items())
+        ]
+        position = embed(MINIGRID_VIEW_CELLS, "position_embedding")(jnp.arange(MINIGRID_VIEW_CELLS))
+        parts.append(jnp.broadcast_to(position, (batch, *position.shape)))
+        features = jnp.concatenate(parts, axis=-1).reshape(batch, -1)
+        return GLUBlocks(self.d_input, name="input_projector")(features)
+
+
+def rl_backbone(backbone_type: str, d_input: int) -> nn.Module:
+    """The observation featuriser named by `backbone_type` (one of RL_BACKBONES)."""
+    if backbone_type == "navigation-backbone":
+        return NavigationBackbone(d_input)
+    return ClassicControlBackbone(d_input)
+
+
 class CTMRL(nn.Module):
     """CTM-RL core: `initial_state(batch)` and `__call__(obs, state) -> (synch (B, S), state)`.
 
@@ -185,7 +221,7 @@ class CTMRL(nn.Module):
         self.decay_params_out = self.param(
             "decay_params_out", nn.initializers.zeros, (cfg.synch_size,), jnp.float32
         )
-        self.backbone = ClassicControlBackbone(cfg.d_input)
+        self.backbone = rl_backbone(cfg.backbone_type, cfg.d_input)
         if cfg.synapse_depth == 1:
             self.synapses = GLUBlocks(cfg.d_model, blocks=2)
         else:

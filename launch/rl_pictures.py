@@ -58,22 +58,40 @@ def read_curves(workdir: str | Path) -> dict[str, Any]:
     }
 
 
+def uniform_policy(params: Any) -> Any:
+    """`params` with the actor's last layer zeroed: logits 0, so sampling picks actions
+    uniformly (the random-policy baseline, on the same episodes as the trained agent)."""
+    actor = dict(params["actor"])
+    actor["dense_2"] = jax.tree.map(np.zeros_like, actor["dense_2"])
+    return {**params, "actor": actor}
+
+
 def evaluate_final(workdir: str | Path, episodes: int) -> dict[str, Any]:
-    """Raw returns of `episodes` episodes of the latest checkpoint, greedy and sampled."""
+    """Raw returns of `episodes` episodes of the latest checkpoint, greedy and sampled, and of
+    the uniformly random policy on the same episodes."""
     if episodes < 1:
         raise ConfigError(f"--episodes={episodes} is invalid: must be >= 1")
     exp, variables, step = load_run(workdir, RLTask, kind="RL", tool="launch.rl_pictures")
     ppo = exp.task.ppo(exp.model)
     key = jax.random.key(EVAL_SEED)
     found = {"step": step}
-    for mode, greedy in (("greedy", True), ("sampled", False)):
+    params = variables["params"]
+    for mode, greedy, weights in (
+        ("greedy", True, params),
+        ("sampled", False, params),
+        ("random", False, uniform_policy(params)),
+    ):
         play = jax.jit(lambda p, k, g=greedy: ppo.evaluate(p, k, episodes, g))
-        found[mode] = np.asarray(play(variables["params"], key)["return"])
+        found[mode] = np.asarray(play(weights, key)["return"])
     return found
 
 
 def is_cartpole(curve: dict[str, Any]) -> bool:
     return curve["config"]["task"]["env"] == "CartPole-v1"
+
+
+def is_minigrid(curve: dict[str, Any]) -> bool:
+    return curve["config"]["task"]["env"].startswith("MiniGrid")
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -87,7 +105,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 def plot_returns(
     curves: Sequence[dict[str, Any]], labels: Sequence[str], path: str | Path, title: str
 ) -> Path:
-    """Training returns (raw, faint; smoothed, solid) and greedy evaluations (markers)."""
+    """Training returns (raw, faint; smoothed, solid) and the periodic evaluations (markers)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -98,6 +116,7 @@ def plot_returns(
         steps, ret = curve["train_steps"], curve["train_return"]
         ax.plot(steps, ret, color=colour, alpha=0.25, linewidth=0.8)
         ax.plot(steps, smooth(ret, 5), color=colour, label=f"{label}: training (sampled actions)")
+        eval_mode = "greedy" if curve["config"]["task"].get("eval_greedy", True) else "sampled"
         if len(curve["eval_steps"]):
             ax.plot(
                 curve["eval_steps"],
@@ -106,7 +125,7 @@ def plot_returns(
                 marker="o",
                 linestyle=":",
                 markersize=4,
-                label=f"{label}: evaluation (greedy)",
+                label=f"{label}: evaluation ({eval_mode})",
             )
         cap = max(cap, float(curve["config"]["task"]["max_episode_steps"]))
     if is_cartpole(curves[0]):
@@ -115,6 +134,9 @@ def plot_returns(
         ax.axhline(SOLVED, color="0.5", linestyle="--", linewidth=0.8, label=f"return {SOLVED:g}")
         ax.set_ylim(0, cap * 1.05)
         ax.legend(loc="center right", bbox_to_anchor=(1.0, 0.52), fontsize=8)
+    elif is_minigrid(curves[0]):
+        ax.set_ylim(0, 1.0)  # MiniGrid: 1 - 0.9 * steps / cap on reaching the goal, else 0
+        ax.legend(loc="upper left", fontsize=8)
     else:
         ax.set_ylim(-cap * 1.05, 0)  # Acrobot: -1 per step until the goal, so [-cap, 0]
         ax.legend(loc="lower right", fontsize=8)
@@ -159,17 +181,25 @@ def main(argv: Sequence[str]) -> None:
         )
     print(f"figure: {path}")
     for label, curve, final, workdir in zip(labels, curves, finals, args.workdirs, strict=True):
+        # MiniGrid returns lie in [0, 1): three decimals, and the share of episodes that found
+        # the goal; the classic tasks count steps.
+        fmt = ".3f" if is_minigrid(curve) else ".1f"
         last = curve["train_return"][-10:]
         print(
             f"{label} ({workdir}): step {final['step']}, {int(curve['train_steps'][-1]):,} env "
-            f"steps; training return, last {len(last)} logs: {last.mean():.1f}"
+            f"steps; training return, last {len(last)} logs: {last.mean():{fmt}}"
         )
-        for mode in ("greedy", "sampled"):
+        for mode in ("greedy", "sampled", "random"):
             ret = final[mode]
-            solved = f", {np.mean(ret >= SOLVED):.0%} >= {SOLVED:g}" if is_cartpole(curve) else ""
+            extra = ""
+            if is_cartpole(curve):
+                extra = f", {np.mean(ret >= SOLVED):.0%} >= {SOLVED:g}"
+            elif is_minigrid(curve):
+                extra = f", goal reached in {np.mean(ret > 0):.1%}"
+            who = "uniformly random policy" if mode == "random" else f"final checkpoint, {mode}"
             print(
-                f"  final checkpoint, {len(ret)} episodes {mode}: mean {ret.mean():.1f} "
-                f"(std {ret.std():.1f}, min {ret.min():.0f}){solved}"
+                f"  {who}, {len(ret)} episodes: mean {ret.mean():{fmt}} "
+                f"(std {ret.std():{fmt}}, min {ret.min():{fmt}}){extra}"
             )
 
 

@@ -189,6 +189,12 @@ class ClassicControl:
         return 4 if self.name == "CartPole-v1" else 6
 
     @property
+    def obs_shape(self) -> tuple[int, ...]:
+        return (self.obs_dim,)
+
+    obs_dtype = jnp.float32
+
+    @property
     def num_actions(self) -> int:
         return 2 if self.name == "CartPole-v1" else 3
 

@@ -5,7 +5,8 @@ same features every step, from the carried (h, c); the agent reads the hidden st
 torch.nn.LSTMCell's: gates (i, f, g, o), a bias on both the input and the hidden projection,
 every weight and bias U(+-1/sqrt(H)); the learned start states are U(+-sqrt(1/H)). The
 reference's widths match the T = 1 CTMs' parameter counts: H 118 on CartPole (175,855 against
-the CTM's 175,437 with the actor and critic) and 243 on Acrobot (350,118 against 350,094).
+the CTM's 175,437 with the actor and critic) and 243 on Acrobot (350,118 against 350,094); on
+FourRooms this project uses 528 (see configs/ctm_rl.py: FOURROOMS_LSTM_WIDTH).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 
 from core.errors import ConfigError
 from ctm_jax.modules import uniform
-from ctm_jax.rl import RL_BACKBONES, ClassicControlBackbone
+from ctm_jax.rl import RL_BACKBONES, rl_backbone
 
 Array = jax.Array
 
@@ -88,7 +89,7 @@ class LSTMRL(nn.Module):
         bound = math.sqrt(1 / h)
         self.start_hidden_state = self.param("start_hidden_state", uniform(bound), (h,))
         self.start_cell_state = self.param("start_cell_state", uniform(bound), (h,))
-        self.backbone = ClassicControlBackbone(self.config.d_input)
+        self.backbone = rl_backbone(self.config.backbone_type, self.config.d_input)
         self.lstm_cell = LSTMCell(h)
 
     def initial_state(self, batch: int) -> dict[str, Array]:

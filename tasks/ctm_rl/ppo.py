@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from tasks.ctm_rl.envs import ClassicControl
+from tasks.ctm_rl.minigrid import FourRooms
 
 Array = jax.Array
 Buffers = dict[str, Any]
@@ -203,7 +204,7 @@ class PPO:
     """PPO on `env` with `agent` (`tasks.ctm_rl.agent.Agent`); every method is pure."""
 
     agent: nn.Module
-    env: ClassicControl
+    env: ClassicControl | FourRooms
     cfg: PPOConfig
 
     # -- the agent -----------------------------------------------------------------------------
@@ -214,7 +215,7 @@ class PPO:
         return self.agent.apply({"params": params}, batch, method="initial_state")
 
     def init_params(self, key: Array) -> Any:
-        obs = jnp.zeros((self.cfg.num_envs, self.env.obs_dim), jnp.float32)
+        obs = jnp.zeros((self.cfg.num_envs, *self.env.obs_shape), self.env.obs_dtype)
         return self.agent.init(key, obs)["params"]
 
     def init_buffers(self, params: Any, key: Array) -> Buffers:

@@ -1,5 +1,5 @@
 """Reinforcement learning with PPO: the RL CTM (or the LSTM baseline) on masked CartPole /
-Acrobot (the CTM paper's RL experiments).
+Acrobot and MiniGrid FourRooms (the CTM paper's RL experiments).
 
 One trainer step is one PPO iteration (`tasks.ctm_rl.ppo.PPO.iteration`): a rollout of
 `num_envs` x `num_steps` environment steps with the agent's recurrent state carried across them,
@@ -32,14 +32,22 @@ import optax
 from core.errors import ConfigError
 from ctm_jax.rl import CTMRL, CTMRLConfig
 from tasks.ctm_rl.agent import Agent
-from tasks.ctm_rl.envs import ClassicControl
+from tasks.ctm_rl.envs import ENV_NAMES, ClassicControl
 from tasks.ctm_rl.lstm import LSTMRL, LSTMRLConfig
+from tasks.ctm_rl.minigrid import FOURROOMS, FourRooms
 from tasks.ctm_rl.ppo import PPO, PPOConfig, linear_anneal
 from train_lib.task import Batch, Metrics, Task
 
 # Iterations are effectively unbounded; grain needs a length.
 STREAM_LENGTH = 2**62
 MODEL_KINDS = ("ctm", "lstm")
+ENVIRONMENTS = (*ENV_NAMES, FOURROOMS)
+# The observation featuriser each environment's observations need.
+BACKBONE_FOR_ENV = {
+    "CartPole-v1": "classic-control-backbone",
+    "Acrobot-v1": "classic-control-backbone",
+    FOURROOMS: "navigation-backbone",
+}
 # Fields of the `model` section each kind reads; the other kind's fields are ignored.
 LSTM_FIELDS = ("iterations", "d_model", "d_input", "backbone_type")
 
@@ -105,6 +113,21 @@ def ppo_config(task: Mapping[str, Any]) -> PPOConfig:
     )
 
 
+def make_env(task: Mapping[str, Any]) -> ClassicControl | FourRooms:
+    """The environment of the `task` section; ConfigError naming the first impossible field."""
+    name = task["env"]
+    if name not in ENVIRONMENTS:
+        raise ConfigError(f"task.env={name!r} is invalid: allowed: {', '.join(ENVIRONMENTS)}")
+    if name == FOURROOMS:
+        if task["mask_velocity"]:
+            raise ConfigError(
+                f"task.mask_velocity={task['mask_velocity']!r} is invalid for {FOURROOMS}: it "
+                "has no velocities to mask (its view is already partial); set it to False"
+            )
+        return FourRooms(int(task["max_episode_steps"]))
+    return ClassicControl(str(name), int(task["max_episode_steps"]), bool(task["mask_velocity"]))
+
+
 def core_config(model: Mapping[str, Any]) -> CTMRLConfig | LSTMRLConfig:
     """The recurrent core's config from the `model` section (`model.kind` picks it)."""
     values = dict(model.items())
@@ -128,15 +151,19 @@ class RLTask(Task):
         for name in ("mask_velocity", "anneal_lr", "continuous_state_trace", "eval_greedy"):
             if not isinstance(task[name], bool):
                 raise ConfigError(f"task.{name}={task[name]!r} is invalid: must be true or false")
-        self.env = ClassicControl(
-            str(task.env), int(task.max_episode_steps), bool(task.mask_velocity)
-        )
+        self.env = make_env(task)
         self.ppo_config = ppo_config(task)
         if int(task.eval_episodes) < 1:
             raise ConfigError(f"task.eval_episodes={task.eval_episodes!r} is invalid: must be >= 1")
         if int(task.eval_seed) < 0:
             raise ConfigError(f"task.eval_seed={task.eval_seed!r} is invalid: must be >= 0")
         self.core_config = core_config(config.model)
+        wanted = BACKBONE_FOR_ENV[self.env.name]
+        if self.core_config.backbone_type != wanted:
+            raise ConfigError(
+                f"model.backbone_type={self.core_config.backbone_type!r} is invalid for "
+                f"task.env={self.env.name!r}: must be {wanted!r}"
+            )
         self._check_trainer_fields(config)
 
     def _check_trainer_fields(self, config: ml_collections.ConfigDict) -> None:
