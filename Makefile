@@ -50,9 +50,13 @@ clean:
 	rm -rf $(VENV) $(TORCH_VENV) $(TPU_VENV) build runs
 
 # ---- Reference outputs from stock PyTorch/transformers (second environment) ----
-# `make torch-reference` builds .venv-torch with Python 3.11 (the only Python the local CPU torch
-# wheel is built for) and regenerates build/torch_reference/, which the main suite prefers over the
+# `make torch-reference` builds .venv-torch with Python 3.11 (the Python the pinned torch wheel
+# is used with here) and regenerates build/torch_reference/, which the main suite prefers over the
 # committed copies in tests/fixtures/hf_qwen2/. Override with `make torch-reference TORCH_PYTHON=...`.
+# torch comes from the official CPU wheel index (the CUDA build PyPI serves on Linux is several
+# GB). Where that index is out of reach but pip is configured with a local CPU wheel (find-links
+# in pip.conf or PIP_FIND_LINKS), pass an empty value: `make torch-reference TORCH_INDEX_URL=`.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TORCH_VENV := .venv-torch
 TORCH_VENV_PY := $(TORCH_VENV)/bin/python
 TORCH_REFERENCE_DIR := build/torch_reference
@@ -71,7 +75,8 @@ endif
 $(TORCH_VENV)/.installed: tools/torch_reference/requirements.txt
 	@py="$(TORCH_PYTHON)"; if [ -z "$$py" ]; then echo "error: no Python 3.11 found; pass TORCH_PYTHON=/path/to/python3.11" >&2; exit 1; fi; \
 	if [ ! -x $(TORCH_VENV_PY) ]; then echo "creating $(TORCH_VENV) with $$py"; "$$py" -m venv $(TORCH_VENV); fi
-	$(TORCH_VENV_PY) -m pip install -q -r tools/torch_reference/requirements.txt
+	$(TORCH_VENV_PY) -m pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) \
+		-r tools/torch_reference/requirements.txt
 	@touch $@
 
 torch-reference: $(TORCH_VENV)/.installed

@@ -85,7 +85,7 @@ from parscale_jax.generate import generate
 from parscale_jax.model import KVCache, ParScaleLM, dtype_of, init_cache
 from train_lib.mfu import peak_flops
 
-# The paper's cost model (parscale.md section 5, batch 1, input = output = 128 tokens, 1.6B
+# The paper's cost model (its inference-cost section, batch 1, input = output = 128 tokens, 1.6B
 # non-embedding parameters, A100, bf16): P = 8 over P = 1.
 PAPER_P8_OVER_P1 = {"latency": 0.284 / 0.256, "memory": 3.509 / 3.404}
 

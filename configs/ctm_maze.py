@@ -3,7 +3,7 @@
     python -m launch.train --config=configs/ctm_maze.py:large --workdir=runs/maze_large
     python -m launch.train --config=configs/ctm_maze.py:cpu --workdir=runs/maze_cpu
 
-Presets follow the reference runs (reference/ctm.md §3):
+Presets follow the reference training scripts:
   large   scripts/train_ctm.sh (= the released checkpoint): 39x39 mazes, route 100, D 2048,
           resnet34-2, 16 heads, U-Net depth 8, first-last 64/32, 75 ticks, inputs in [0, 1]
   medium  the README's medium command: 19x19 mazes, route 50, 8 heads, U-Net depth 4

@@ -4,7 +4,7 @@
     python -m launch.train --config=configs/ctm_parity.py:tiny --workdir=runs/parity_tiny
 
 The default is the reference run (SakanaAI scripts/train_ctm_75_25.sh: D 1024, T 75, M 25,
-length 64, 200,001 iterations; see reference/ctm.md §3). Presets:
+length 64, 200,001 iterations). Presets:
   tiny  the reference's CPU-sized setting (D 128, T 16, length 16, lr 1e-3): 17,500 steps, about
         15 minutes on a 2-core CPU (measured: 99.9% per position / 99.4% whole sequence after
         15,000 steps in 12.9 minutes).
@@ -26,7 +26,7 @@ from configs import common
 # config written out in `get_config`.
 PRESETS: dict[str, dict[str, dict]] = {
     "reference": {},  # the reference config as written in get_config (also the default)
-    # The CPU-sized run of reference/ctm.md §9 (PyTorch: 99.3% per position in 15 minutes).
+    # The reference code's CPU-sized parity run (PyTorch: 99.3% per position in 15 minutes).
     "tiny": {
         "model": dict(
             iterations=16,

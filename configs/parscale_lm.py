@@ -10,7 +10,7 @@ P is `--config.model.parscale_n` (1 = plain Qwen2). Presets:
          --config.task.data_dir); 1000 steps of 16 x 128 tokens, about 1 step/s on a busy 2-core
          CPU at P = 1 (P multiplies the backbone's work).
   test   a seconds-long model for the test suite.
-  s0..s5 the paper's six scaling-law sizes (reference/parscale.md §3.3; names by checkpoint
+  s0..s5 the paper's six scaling-law sizes (its released checkpoints; names by checkpoint
          size 0.7B/0.9B/1.3B/1.8B/3B/4.7B, non-embedding 0.5B/0.7B/1.1B/1.6B/2.8B/4.4B): 36
          layers, 16 heads, 2 KV heads, 48 prefix tokens, eps 0.1, tied embeddings, rope 1e4,
          vocab 151,936; 42B tokens = 20,027 steps of 1024 x 2048 tokens.
@@ -30,7 +30,7 @@ P is `--config.model.parscale_n` (1 = plain Qwen2). Presets:
 The big presets need `--config.task.tokenizer=/path/to/Qwen2.5/tokenizer.json` and a corpus
 (`--config.task.corpus=files --config.task.paths=...` or a prepared tfds text dataset). Their
 optimiser settings (AdamW 0.9/0.95, weight decay 0.1, clip 1.0, peak lr 3e-4, warm-up then
-cosine) are common LM defaults, not the paper's (unverified, see parscale.md §6).
+cosine) are common LM defaults: the paper does not state its own.
 
 Starting points (only when the workdir has no checkpoint of its own):
   --config.init_from=WORKDIR    two-stage training from another run (P = 1 or the same P).
@@ -115,7 +115,7 @@ PRESETS: dict[str, dict] = {
         ),
     },
     # Scaling-law size s0, ParScale-0.7B (0.5B non-embedding): the released architecture
-    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    # of the released checkpoints at one width, trained on 42B tokens.
     "s0": {
         "model": dict(
             vocab_size=151_936,  # Qwen2.5's tokenizer
@@ -139,7 +139,7 @@ PRESETS: dict[str, dict] = {
         ),
     },
     # Scaling-law size s1, ParScale-0.9B (0.7B non-embedding): the released architecture
-    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    # of the released checkpoints at one width, trained on 42B tokens.
     "s1": {
         "model": dict(
             vocab_size=151_936,  # Qwen2.5's tokenizer
@@ -163,7 +163,7 @@ PRESETS: dict[str, dict] = {
         ),
     },
     # Scaling-law size s2, ParScale-1.3B (1.1B non-embedding): the released architecture
-    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    # of the released checkpoints at one width, trained on 42B tokens.
     "s2": {
         "model": dict(
             vocab_size=151_936,  # Qwen2.5's tokenizer
@@ -187,7 +187,7 @@ PRESETS: dict[str, dict] = {
         ),
     },
     # Scaling-law size s3, ParScale-1.8B (1.6B non-embedding): the released architecture
-    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    # of the released checkpoints at one width, trained on 42B tokens.
     "s3": {
         "model": dict(
             vocab_size=151_936,  # Qwen2.5's tokenizer
@@ -211,7 +211,7 @@ PRESETS: dict[str, dict] = {
         ),
     },
     # Scaling-law size s4, ParScale-3B (2.8B non-embedding): the released architecture
-    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    # of the released checkpoints at one width, trained on 42B tokens.
     "s4": {
         "model": dict(
             vocab_size=151_936,  # Qwen2.5's tokenizer
@@ -235,7 +235,7 @@ PRESETS: dict[str, dict] = {
         ),
     },
     # Scaling-law size s5, ParScale-4.7B (4.4B non-embedding): the released architecture
-    # (parscale.md §3.1, §3.3) at one width, trained on 42B tokens.
+    # of the released checkpoints at one width, trained on 42B tokens.
     "s5": {
         "model": dict(
             vocab_size=151_936,  # Qwen2.5's tokenizer
@@ -306,8 +306,9 @@ PRESETS: dict[str, dict] = {
             checkpoint_every=2000,
         ),
     },
-    # PEFT recycling (parscale.md §7b) of Qwen2.5-0.5B (--config.init_from_hf=DIR): frozen
-    # backbone, P = 2 new prefix sets + aggregator on 2048-token sequences.
+    # PEFT recycling (the paper's fine-tuning of a frozen model) of Qwen2.5-0.5B
+    # (--config.init_from_hf=DIR): frozen backbone, P = 2 new prefix sets + aggregator on
+    # 2048-token sequences.
     "qwen2.5-0.5b-peft": {
         "model": dict(
             vocab_size=151_936,  # Qwen2.5's tokenizer
@@ -333,7 +334,7 @@ PRESETS: dict[str, dict] = {
         ),
         "freeze_backbone": True,
     },
-    # The same for Qwen2.5-3B, the paper's recycled backbone (§4.2).
+    # The same for Qwen2.5-3B, the paper's recycled backbone.
     "qwen2.5-3b-peft": {
         "model": dict(
             vocab_size=151_936,  # Qwen2.5's tokenizer

@@ -29,9 +29,21 @@ from ml_collections.config_flags import config_path
 
 from core.errors import Error
 
-# The repository root: a log record made by a file under it is this project's, unless the file
-# sits in a hidden directory (.venv) or a site-packages directory (installed libraries).
+# The folder that holds this project's packages: the repository root in a checkout,
+# site-packages when installed. A log record is this project's when it was made by a file in one
+# of the project's packages there (so neither .venv nor the installed libraries beside it count).
 _ROOT = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = (
+    "bench",
+    "configs",
+    "core",
+    "ctm_jax",
+    "inference_scaling",
+    "launch",
+    "parscale_jax",
+    "tasks",
+    "train_lib",
+)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -39,8 +51,52 @@ def _is_project_file(pathname: str) -> bool:
     path = Path(os.path.abspath(pathname))
     if not path.is_relative_to(_ROOT):
         return False
-    folders = path.relative_to(_ROOT).parts[:-1]
-    return not any(p.startswith(".") or p in ("site-packages", "dist-packages") for p in folders)
+    parts = path.relative_to(_ROOT).parts
+    return len(parts) > 1 and parts[0] in PROJECT_PACKAGES
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The config files that ship with the package: name -> configs/<name>.py."""
+    folder = _ROOT / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.py")) if p.stem not in ("__init__", "common")}
+
+
+def resolve_config_argument(value: str) -> str:
+    """`--config` by name: `ctm_maze:cpu` (or `configs/ctm_maze.py:cpu` where no such file is
+    in the working directory, e.g. outside a checkout) -> the packaged configs/ctm_maze.py with
+    the same preset. Any other path is kept as it is; a bare name that is no packaged config
+    raises ValueError listing the names."""
+    path, sep, preset = value.partition(":")
+    if not path or os.path.exists(path):
+        return value
+    configs = packaged_configs()
+    if re.fullmatch(r"(?:\./)?configs/\w+\.py", path):
+        # A checkout-relative path run from elsewhere; a missing one is ml_collections' error.
+        packaged = configs.get(Path(path).stem)
+        return value if packaged is None else f"{packaged}{sep}{preset}"
+    if not re.fullmatch(r"\w+", path):
+        return value  # a path that does not exist: ml_collections names it
+    name = path
+    if name not in configs:
+        raise ValueError(
+            f"config {path!r} is neither a file nor a packaged config; packaged: "
+            f"{', '.join(configs)}"
+        )
+    return f"{configs[name]}{sep}{preset}"
+
+
+def _resolve_config_arguments(argv: list[str], flag_values: Sequence[flags.FlagValues]) -> None:
+    """Rewrites every config flag's value in `argv` through `resolve_config_argument`."""
+    names = {flag.name for flag in _config_flags(flag_values)}
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            break
+        for name in names:
+            m = re.fullmatch(rf"(--?{re.escape(name)}=)(.*)", arg, re.S)
+            if m:
+                argv[i] = m.group(1) + resolve_config_argument(m.group(2))
+            elif arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+                argv[i + 1] = resolve_config_argument(argv[i + 1])
 
 
 def _project_info_and_all_warnings(record: std_logging.LogRecord) -> bool:
@@ -127,6 +183,12 @@ def run(
         for name, default in _CONFIG_DEFAULTS.items():
             if _flag_argument(argv, name) is None:
                 argv.insert(1, f"--{name}={default}")
+        try:
+            _resolve_config_arguments(argv, flag_values)
+        except ValueError as e:
+            if verbose() or _verbosity(argv) >= 1:
+                raise
+            fail(str(e))
         with flag_errors(argv, flag_values):
             parsed = parse(argv)
             load_configs(flag_values)

@@ -54,7 +54,7 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "k": (0.1, 0.4, 1.0),
 }
 
-# Published constants (parscale.md §4, recomputed there with the authors' script).
+# The paper's published constants (they agree with a rerun of the authors' fitting script).
 PAPER_FITS: dict[str, dict[str, float]] = {
     "stack": {"E": 0.6912, "A": 1.131e7, "alpha": 0.1894, "k": 0.3935, "r2": 0.9978},
     "pile": {"E": 1.2888, "A": 1.974e8, "alpha": 0.1963, "k": 0.3345, "r2": 0.9987},
@@ -89,7 +89,7 @@ class FitResult:
 # Paper tables
 
 
-# Model dims of the scaling-law checkpoints (parscale.md §3.3): 36 layers, 16 heads, 2 KV heads,
+# Model dims of the paper's scaling-law checkpoints: 36 layers, 16 heads, 2 KV heads,
 # head_dim = H / 16, prefix length 48. Names are the paper's non-embedding sizes.
 _LAYERS, _HEADS, _KV_HEADS, _PREFIX = 36, 16, 2, 48
 _SIZES: dict[str, tuple[int, int]] = {  # name -> (hidden H, intermediate I)
@@ -101,7 +101,7 @@ _SIZES: dict[str, tuple[int, int]] = {  # name -> (hidden H, intermediate I)
     "4.4B": (2560, 13824),
 }
 _PS = (1, 2, 4, 8)
-# Final training losses after 42B tokens (parscale.md §4), rows P = 1, 2, 4, 8, columns as _SIZES.
+# The paper's final training losses after 42B tokens, rows P = 1, 2, 4, 8, columns as _SIZES.
 _LOSSES: dict[str, tuple[tuple[float, ...], ...]] = {
     "stack": (
         (1.1722, 1.1496, 1.1131, 1.0817, 1.0451, 1.0213),
@@ -119,7 +119,7 @@ _LOSSES: dict[str, tuple[tuple[float, ...], ...]] = {
 
 
 def backbone_params(hidden: int, intermediate: int) -> int:
-    """Non-embedding parameters of a P = 1 Qwen2 decoder with the scaling-law dims (§3.3)."""
+    """Non-embedding parameters of a P = 1 Qwen2 decoder with the scaling-law dims."""
     hd = hidden // _HEADS
     kv = _KV_HEADS * hd
     attn = (hidden * hidden + hidden) + 2 * (hidden * kv + kv) + hidden * hidden  # q,k,v bias; o
@@ -129,7 +129,7 @@ def backbone_params(hidden: int, intermediate: int) -> int:
 
 
 def parscale_extra_params(hidden: int, p: int) -> int:
-    """Parameters ParScale adds for P streams: per-layer K/V prefixes + aggregation MLP (§2.6).
+    """Parameters ParScale adds for P streams: per-layer K/V prefixes + aggregation MLP.
 
     Zero for P = 1 (plain Qwen2). Aggregator: Linear(P*H -> H, bias) + Linear(H -> P, bias).
     """
@@ -145,9 +145,9 @@ def paper_table(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The paper's final-loss table for ``'stack'`` (Stack-V2 Python) or ``'pile'``.
 
     Returns ``(N, P, L)`` as flat float arrays of 24 points. N counts non-embedding parameters
-    *including* ParScale's extra ones, as the paper's fit does: the P = 1 backbone count computed
-    from the §3.3 dims (it equals the table there to the unit) plus, for P > 1, the prefixes and the
-    aggregation MLP (which reproduces the script's 1.6B P2 - P1 = 6,050,306).
+    *including* ParScale's extra ones, as the paper's fit does: the P = 1 backbone count
+    computed from the dims above (it equals the paper's table to the unit) plus, for P > 1, the
+    prefixes and the aggregation MLP (which reproduces the script's 1.6B P2 - P1 = 6,050,306).
     """
     key = name.lower()
     if key not in _LOSSES:

@@ -166,7 +166,7 @@ def test_presets_validate(preset):
     task, mesh = trainer.validate_config(config)
     assert task.seq_len == config.task.seq_len
     assert mesh.axis_names == ("data", "fsdp", "tensor")
-    if preset is None:  # the reference parity run (ctm.md §3)
+    if preset is None:  # the reference parity run (its training script)
         m = task.model_config
         got = (m.d_model, m.d_input, m.heads, m.iterations, m.memory_length)
         assert got == (1024, 512, 8, 75, 25)

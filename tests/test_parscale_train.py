@@ -283,7 +283,7 @@ def test_stage2_preset_adds_the_papers_parscale_parameters() -> None:
     assert p8.model.parscale_n == 8
     p2 = parscale_lm.get_config("1.8b")
     p2.model.parscale_n = 2
-    # parscale.md §2.6: P2 - P1 = 6,050,306 for the 1.8B model.
+    # The authors' fitting script: P2 - P1 = 6,050,306 for the 1.8B model.
     assert non_embedding(p2) - non_embedding(parscale_lm.get_config("1.8b")) == 6_050_306
 
 

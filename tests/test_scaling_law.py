@@ -19,7 +19,7 @@ from parscale_jax import scaling_law as sl
 REPO = pathlib.Path(__file__).parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# Published fits (parscale.md §4), checked here independently of sl.PAPER_FITS.
+# The paper's published fits, checked here independently of sl.PAPER_FITS.
 PAPER = {
     "stack": {"E": 0.6912, "A": 1.131e7, "alpha": 0.1894, "k": 0.3935, "r2": 0.9978},
     "pile": {"E": 1.2888, "A": 1.974e8, "alpha": 0.1963, "k": 0.3345, "r2": 0.9987},
@@ -91,12 +91,12 @@ def test_plot_written_for_paper(paper_cli):
 
 
 def test_paper_table_parameter_counts():
-    # Non-embedding P = 1 counts listed in parscale.md §3.3.
+    # Non-embedding P = 1 counts of the paper's scaling-law models.
     listed = [535_813_376, 693_753_856, 1_088_376_320, 1_571_472_384, 2_774_773_760, 4_353_203_200]
     n, p, loss = sl.paper_table("stack")
     assert n.shape == p.shape == loss.shape == (24,)
     np.testing.assert_array_equal(n[p == 1], listed)
-    # 1.6B: P2 - P1 = 6,050,306 (the authors' fitting script, quoted in parscale.md §2.6).
+    # 1.6B: P2 - P1 = 6,050,306 (the count in the authors' fitting script).
     assert n[p == 2][3] - n[p == 1][3] == 6_050_306
     # ParScale parameters grow with P for every size, and N is shared between the two corpora.
     for lo, hi in ((1, 2), (2, 4), (4, 8)):

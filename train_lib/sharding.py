@@ -86,7 +86,7 @@ def make_mesh(
     """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), with Auto (GSPMD) axes.
 
     Auto rather than Explicit because the models only constrain their main activations and leave
-    the rest to XLA's propagation (see reference/jax_stack.md §2.1).
+    the rest to XLA's propagation (jax.sharding.AxisType.Auto).
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
