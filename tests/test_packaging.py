@@ -17,17 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = [
-    "bench",
-    "configs",
-    "core",
-    "ctm_jax",
-    "inference_scaling",
-    "launch",
-    "parscale_jax",
-    "tasks",
-    "train_lib",
-]
+# The checkout's packages: every top-level folder with an __init__.py.
+PACKAGES = sorted(p.parent.name for p in REPO.glob("*/__init__.py"))
 
 
 def _run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
@@ -67,6 +58,10 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_the_wheel_holds_every_package_the_configs_and_the_metadata(installed):
+    from launch.cli import PROJECT_PACKAGES
+
+    # The log filter's list of the project's packages is the checkout's.
+    assert sorted(PROJECT_PACKAGES) == PACKAGES
     _, wheel = installed
     names = zipfile.ZipFile(wheel).namelist()
     for package in PACKAGES:
